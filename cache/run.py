@@ -1,0 +1,124 @@
+"""The cache stage: put a dataset's audio and each base model's stems into the stem store once.
+
+Work is per track and idempotent: a complete entry is skipped, so an interrupted run resumes
+where it stopped, and `--shard I/N` (or RANK/WORLD_SIZE under torchrun) splits the tracks so
+several processes fill one store without writing the same entry.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cache.base import Separator, model_key
+from cache.store import StemStore, TrackEntry
+from pipeline.datasets import Dataset, Track
+from pipeline.errors import PipelineError
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N); None -> torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard {shard}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise PipelineError(f"--shard {shard}: I must be in [0, N)")
+    return i, n
+
+
+def entry_of(track: Track) -> TrackEntry:
+    return TrackEntry(track.name, track.subset, track.split, track.length)
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "demucs", "openunmix", "asteroid", "julius"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _progress(tracks: list[Track], desc: str, enabled: bool):
+    total = sum(t.duration for t in tracks)
+    return tqdm(total=round(total, 1), desc=desc, unit="s audio", disable=not enabled,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
+                           "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+
+
+def dataset_info(dataset: Dataset) -> dict:
+    return {"id": dataset.id, "root": str(dataset.root.resolve()), "kind": dataset.kind,
+            "sources": list(dataset.sources), "sample_rate": dataset.tracks[0].sample_rate,
+            "tracks": [{"name": t.name, "subset": t.subset, "split": t.split, "length": t.length}
+                       for t in dataset.tracks]}
+
+
+def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False,
+                   progress=True) -> int:
+    """Store every track's mixture and references; returns the number of tracks written."""
+    if not dataset.tracks:
+        raise PipelineError(f"{dataset.root}: dataset has no tracks")
+    rates = {t.sample_rate for t in dataset.tracks}
+    if len(rates) > 1:
+        raise PipelineError(f"{dataset.root}: tracks have different sample rates {sorted(rates)}")
+    store.write_dataset_info(dataset.id, dataset_info(dataset))
+    mine = dataset.tracks[shard[0]::shard[1]]
+    todo = [t for t in mine if force or not store.has_track(dataset.id, entry_of(t))]
+    bar = _progress(todo, f"store {dataset.id}", progress)
+    for t in todo:
+        mixture, stems = t.audio()
+        store.write_track(dataset.id, entry_of(t), mixture, stems,
+                          {"dataset": dataset.id, "sources": list(dataset.sources),
+                           "sample_rate": t.sample_rate})
+        bar.set_postfix_str(t.name[:30])
+        bar.update(round(t.duration, 1))
+    bar.close()
+    return len(todo)
+
+
+def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=(0, 1),
+                force=False, splits=None, progress=True) -> dict:
+    """Separate every (selected) track with `separator` unless its stems are already stored."""
+    from cache.inference import separate_array
+
+    identity = separator.identity()
+    key = model_key(identity)
+    store.write_model_info(key, {"key": key, "name": separator.name, "family": separator.family,
+                                 "sources": list(separator.sources),
+                                 "sample_rate": separator.sample_rate, "identity": identity,
+                                 "versions": package_versions()})
+    tracks = [t for t in dataset.tracks if splits is None or t.split in splits][shard[0]::shard[1]]
+    todo = [t for t in tracks if force or not store.has_stems(key, dataset.id, entry_of(t))]
+    bar = _progress(todo, separator.name, progress)
+    t_start, done = time.perf_counter(), 0
+    for t in todo:
+        entry = entry_of(t)
+        mixture = np.asarray(store.mixture(dataset.id, entry))
+        t0 = time.perf_counter()
+        stems = separate_array(separator, mixture, t.sample_rate)
+        seconds = time.perf_counter() - t0
+        if stems.shape != (len(separator.sources), 2, t.length):
+            raise PipelineError(f"{separator.name}: returned stems of shape {stems.shape} for "
+                                f"'{t.name}', expected {(len(separator.sources), 2, t.length)}")
+        store.write_stems(key, dataset.id, entry, stems,
+                          {"model": separator.name, "key": key, "identity": identity,
+                           "sources": list(separator.sources), "sample_rate": t.sample_rate,
+                           "seconds": round(seconds, 3), "versions": package_versions()})
+        done += 1
+        bar.set_postfix_str(t.name[:30])
+        bar.update(round(t.duration, 1))
+    bar.close()
+    wall = time.perf_counter() - t_start
+    audio = sum(t.duration for t in todo)
+    return {"key": key, "name": separator.name, "tracks": len(tracks), "computed": done,
+            "skipped": len(tracks) - done, "seconds": wall,
+            "realtime": audio / wall if wall > 0 else float("inf")}

@@ -1,0 +1,224 @@
+"""The `pipeline` command line: one command per stage; stages talk only through the work folder."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.config import store_dir, work_dir
+from pipeline.errors import PipelineError
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
+                  help="Ensemble music source separators: cache base models' stems, blend / learn "
+                       "mixing weights, evaluate with museval-exact SDR, separate new songs.")
+cache_app = typer.Typer(rich_markup_mode="rich", invoke_without_command=True,
+                        help="Run base separators once over a dataset and keep their stems in the "
+                             "stem store ([bold]ls[/], [bold]verify[/], [bold]import[/] manage it).")
+app.add_typer(cache_app, name="cache")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+WorkOpt = typer.Option(None, "--work", envvar="PIPELINE_WORK",
+                       help="Work folder for all outputs (default ./work).")
+SYNTHETIC = "synthetic"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def open_dataset_spec(spec: str, work: Path):
+    """A dataset path, or 'synthetic' for the embedded dataset in the work folder."""
+    from pipeline.datasets import open_dataset
+
+    if spec == SYNTHETIC:
+        root = work / "data" / SYNTHETIC
+        if not (root / "dataset.json").exists():
+            raise PipelineError(f"{root}: the synthetic dataset is not generated yet; "
+                                f"run `pipeline make-dataset` first")
+        return open_dataset(root)
+    return open_dataset(spec)
+
+
+@app.command("make-dataset")
+def make_dataset(
+    out: Optional[Path] = typer.Argument(None, help="Output folder (default <work>/data/synthetic)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives bit-identical files."),
+    train: int = typer.Option(28, help="Tracks in the train split."),
+    valid: int = typer.Option(6, help="Tracks in the valid split."),
+    test: int = typer.Option(6, help="Tracks in the test split."),
+    duration: float = typer.Option(20.0, help="Seconds per track."),
+    rate: int = typer.Option(44100, help="Sample rate in Hz."),
+    force: bool = typer.Option(False, "--force", help="Regenerate over an existing dataset."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Generate the embedded synthetic multitrack dataset (MUSDB18-HQ layout, train/valid/test)."""
+    from pipeline.synth import generate_dataset
+
+    out = out or work_dir(work) / "data" / SYNTHETIC
+    generate_dataset(out, seed=seed, n_train=train, n_valid=valid, n_test=test,
+                     duration=duration, sample_rate=rate, overwrite=force)
+    console.print(f"dataset ready: {out}")
+
+
+@cache_app.callback()
+def cache(
+    ctx: typer.Context,
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
+                                          help="Dataset folder, or 'synthetic'."),
+    model: List[str] = typer.Option([], "--model", "-m",
+                                    help="Base model: a pretrained name (htdemucs, umxl, ...), a "
+                                         "shipped checkpoint name, or a local path. Repeatable."),
+    split: List[str] = typer.Option([], "--split", help="Only these splits (train/valid/test)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    offline: bool = typer.Option(False, "--offline", help="Never download; fail fast on missing weights."),
+    repo: Optional[Path] = typer.Option(None, help="Local folder with model weights (demucs --repo)."),
+    shifts: Optional[int] = typer.Option(None, help="Demucs: random shifts."),
+    overlap: Optional[float] = typer.Option(None, help="Demucs: chunk overlap."),
+    segment: Optional[float] = typer.Option(None, help="Chunk length in seconds."),
+    niter: Optional[int] = typer.Option(None, help="Open-Unmix / X-UMX: Wiener iterations."),
+    shard: Optional[str] = typer.Option(None, help="I/N: this process's share of the tracks "
+                                                   "(default from torchrun's RANK/WORLD_SIZE)."),
+    force: bool = typer.Option(False, "--force", help="Recompute complete entries."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Cache base models' stems for a dataset (also stores the dataset's mixture and references)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if dataset is None:
+        raise PipelineError("pipeline cache: --dataset is required (a folder, or 'synthetic')")
+    from cache.run import cache_model, ingest_dataset, parse_shard
+    from cache.store import StemStore
+
+    w = work_dir(work)
+    store = StemStore(store_dir(w))
+    ds = open_dataset_spec(dataset, w)
+    shard_ = parse_shard(shard)
+    n = ingest_dataset(store, ds, shard=shard_, force=force)
+    console.print(f"{ds.id}: {len(ds)} tracks in the store ({n} written now)")
+    if model:
+        from cache.registry import load_separator
+
+        dev = device or default_device()
+        options = {k: v for k, v in dict(shifts=shifts, overlap=overlap, segment=segment,
+                                          niter=niter).items() if v is not None}
+        for spec in model:
+            sep = load_separator(spec, device=dev, offline=offline, repo=repo, options=options)
+            s = cache_model(store, ds, sep, shard=shard_, force=force, splits=split or None)
+            console.print(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, "
+                          f"{s['skipped']} already cached, {s['seconds']:.1f} s "
+                          f"({s['realtime']:.2f}x real time)")
+
+
+def default_device() -> str:
+    import torch
+
+    if os.environ.get("LOCAL_RANK") is not None and torch.cuda.is_available():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@cache_app.command("import")
+def cache_import(
+    folder: Path = typer.Argument(..., help="Estimates: DIR/<subset>/<track>/<target>.wav or DIR/<track>/<target>.wav"),
+    name: str = typer.Option(..., "--name", help="Name of the imported system."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="The dataset the estimates belong to."),
+    split: List[str] = typer.Option([], "--split", help="Only these splits."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Register separations made elsewhere as a base model in the stem store."""
+    from cache.imported import import_estimates
+    from cache.run import ingest_dataset
+    from cache.store import StemStore
+
+    w = work_dir(work)
+    store = StemStore(store_dir(w))
+    ds = open_dataset_spec(dataset, w)
+    ingest_dataset(store, ds, progress=False)
+    s = import_estimates(store, ds, name, folder, splits=split or None)
+    console.print(f"{name} [{s['key']}]: {s['computed']} tracks imported "
+                  f"({', '.join(s['sources'])}), {s['skipped']} already there")
+
+
+@cache_app.command("ls")
+def cache_ls(work: Optional[Path] = WorkOpt):
+    """List the datasets and models in the stem store, with track counts and sizes."""
+    from cache.store import StemStore
+
+    from rich.table import Table
+
+    store = StemStore(store_dir(work_dir(work)))
+    table = Table(title=f"stem store {store.root}")
+    for col in ("kind", "key", "name / sources", "dataset", "tracks", "size"):
+        table.add_column(col)
+    for d in store.datasets():
+        info = store.dataset_info(d)
+        stored = sum(store.has_track(d, t) for t in store.tracks(d))
+        table.add_row("dataset", d, ", ".join(info["sources"]), info["root"],
+                      f"{stored}/{len(info['tracks'])}", _size(store.dataset_dir(d)))
+    for k in store.models():
+        info = store.model_info(k)
+        for d in sorted(p.name for p in store.model_dir(k).iterdir() if p.is_dir()):
+            n = sum(1 for _ in (store.model_dir(k) / d).glob("*/*/manifest.json"))
+            table.add_row("model", k, f"{info['name']}: {', '.join(info['sources'])}", d, str(n),
+                          _size(store.model_dir(k) / d))
+    Console().print(table)
+
+
+def _size(path: Path) -> str:
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    for unit in ("B", "KB", "MB", "GB"):
+        if total < 1024 or unit == "GB":
+            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+
+
+@cache_app.command("verify")
+def cache_verify(work: Optional[Path] = WorkOpt):
+    """Check every store entry (array readable, shape, length, checksum); non-zero exit on damage."""
+    from cache.store import StemStore
+
+    store = StemStore(store_dir(work_dir(work)))
+    problems, n = [], 0
+    for entry in store.entries():
+        n += 1
+        problem = store.verify_entry(entry)
+        if problem:
+            problems.append(problem)
+            console.print(f"[red]BAD[/] {problem}")
+    console.print(f"{n} entries checked, {len(problems)} damaged")
+    if problems:
+        raise typer.Exit(1)
+
+
+def main(argv=None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except PipelineError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except Exception as e:  # click usage errors etc.
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
