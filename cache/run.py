@@ -62,26 +62,38 @@ def dataset_info(dataset: Dataset) -> dict:
                        for t in dataset.tracks]}
 
 
+def _reuse_known_lengths(store: StemStore, dataset: Dataset) -> None:
+    """Probing every track's header (ffprobe per .stem.mp4) costs seconds; the store knows them."""
+    try:
+        info = store.dataset_info(dataset.id)
+    except PipelineError:
+        return
+    known = {(t["subset"], t["name"]): t["length"] for t in info["tracks"]}
+    if len(known) == len(dataset.tracks) and all((t.subset, t.name) in known for t in dataset.tracks):
+        for t in dataset.tracks:
+            t.set_header(info["sample_rate"], known[(t.subset, t.name)])
+
+
 def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False,
                    progress=True) -> int:
     """Store every track's mixture and references; returns the number of tracks written."""
     if not dataset.tracks:
         raise PipelineError(f"{dataset.root}: dataset has no tracks")
+    _reuse_known_lengths(store, dataset)
     rates = {t.sample_rate for t in dataset.tracks}
     if len(rates) > 1:
         raise PipelineError(f"{dataset.root}: tracks have different sample rates {sorted(rates)}")
     store.write_dataset_info(dataset.id, dataset_info(dataset))
     mine = dataset.tracks[shard[0]::shard[1]]
     todo = [t for t in mine if force or not store.has_track(dataset.id, entry_of(t))]
-    bar = _progress(todo, f"store {dataset.id}", progress)
-    for t in todo:
-        mixture, stems = t.audio()
-        store.write_track(dataset.id, entry_of(t), mixture, stems,
-                          {"dataset": dataset.id, "sources": list(dataset.sources),
-                           "sample_rate": t.sample_rate})
-        bar.set_postfix_str(t.name[:30])
-        bar.update(round(t.duration, 1))
-    bar.close()
+    with _progress(todo, f"store {dataset.id}", progress) as bar:
+        for t in todo:
+            mixture, stems = t.audio()
+            store.write_track(dataset.id, entry_of(t), mixture, stems,
+                              {"dataset": dataset.id, "sources": list(dataset.sources),
+                               "sample_rate": t.sample_rate})
+            bar.set_postfix_str(t.name[:30])
+            bar.update(round(t.duration, 1))
     return len(todo)
 
 
@@ -98,25 +110,24 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
                                  "versions": package_versions()})
     tracks = [t for t in dataset.tracks if splits is None or t.split in splits][shard[0]::shard[1]]
     todo = [t for t in tracks if force or not store.has_stems(key, dataset.id, entry_of(t))]
-    bar = _progress(todo, separator.name, progress)
     t_start, done = time.perf_counter(), 0
-    for t in todo:
-        entry = entry_of(t)
-        mixture = np.asarray(store.mixture(dataset.id, entry))
-        t0 = time.perf_counter()
-        stems = separate_array(separator, mixture, t.sample_rate)
-        seconds = time.perf_counter() - t0
-        if stems.shape != (len(separator.sources), 2, t.length):
-            raise PipelineError(f"{separator.name}: returned stems of shape {stems.shape} for "
-                                f"'{t.name}', expected {(len(separator.sources), 2, t.length)}")
-        store.write_stems(key, dataset.id, entry, stems,
-                          {"model": separator.name, "key": key, "identity": identity,
-                           "sources": list(separator.sources), "sample_rate": t.sample_rate,
-                           "seconds": round(seconds, 3), "versions": package_versions()})
-        done += 1
-        bar.set_postfix_str(t.name[:30])
-        bar.update(round(t.duration, 1))
-    bar.close()
+    with _progress(todo, separator.name, progress) as bar:
+        for t in todo:
+            entry = entry_of(t)
+            mixture = np.asarray(store.mixture(dataset.id, entry))
+            t0 = time.perf_counter()
+            stems = separate_array(separator, mixture, t.sample_rate)
+            seconds = time.perf_counter() - t0
+            if stems.shape != (len(separator.sources), 2, t.length):
+                raise PipelineError(f"{separator.name}: returned stems of shape {stems.shape} for "
+                                    f"'{t.name}', expected {(len(separator.sources), 2, t.length)}")
+            store.write_stems(key, dataset.id, entry, stems,
+                              {"model": separator.name, "key": key, "identity": identity,
+                               "sources": list(separator.sources), "sample_rate": t.sample_rate,
+                               "seconds": round(seconds, 3), "versions": package_versions()})
+            done += 1
+            bar.set_postfix_str(t.name[:30])
+            bar.update(round(t.duration, 1))
     wall = time.perf_counter() - t_start
     audio = sum(t.duration for t in todo)
     return {"key": key, "name": separator.name, "tracks": len(tracks), "computed": done,

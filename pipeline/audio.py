@@ -72,9 +72,11 @@ def read_audio(path: str | Path, start: int = 0, frames: int | None = None) -> t
 
 
 def check_finite(x: np.ndarray, where) -> None:
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(np.asarray(x).reshape(-1)))[0]
-        raise fail(where, f"contains NaN or infinite samples (first at flat index {bad})")
+    finite = np.isfinite(x)
+    if not finite.all():
+        idx = np.unravel_index(np.flatnonzero(~finite.reshape(-1))[0], x.shape)
+        at = f"channel {idx[-2]}, sample {idx[-1]}" if x.ndim >= 2 else f"sample {idx[-1]}"
+        raise fail(where, f"contains NaN or infinite samples (first at {at})")
 
 
 def to_stereo(x: np.ndarray, where="audio") -> np.ndarray:

@@ -59,6 +59,10 @@ class Track:
     def _header(self) -> tuple[int, int]:
         return self.header()
 
+    def set_header(self, sample_rate: int, length: int) -> None:
+        """Use a header known from elsewhere (the stem store) instead of probing the file."""
+        self.__dict__["_header"] = (int(sample_rate), int(length))
+
     @property
     def sample_rate(self) -> int:
         return self._header[0]
