@@ -198,7 +198,10 @@ def cache_verify(work: Optional[Path] = WorkOpt):
 
 def main(argv=None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns typer.Exit's code instead of exiting
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PipelineError as e:
         if _state["debug"]:
             raise
