@@ -1,0 +1,394 @@
+"""Demucs family: every pretrained name demucs knows, and local demucs repositories.
+
+Loading goes through demucs's own code (`demucs.pretrained.get_model`, `demucs.repo`,
+`demucs.hf`), separation through `demucs.apply.apply_model` (its chunking, overlap and shift
+trick; we do not chunk Demucs ourselves).
+
+Where weights come from (`locate_demucs`), in this order:
+  1. `--repo DIR`: `<sig>.th` or `<sig>-<sha256[:8]>.th` files (the checksum suffix is verified
+     by demucs's LocalRepo) and bag definitions `<name>.yaml`. A pretrained bag name whose yaml is
+     not in DIR uses the yaml shipped inside the demucs package, so downloading only the `.th`
+     files of e.g. htdemucs_ft into DIR is enough.
+  2. The Hugging Face cache (`adefossez/HTDemucs-ft` ... : `<name>.yaml` + `<sig>.safetensors`),
+     as demucs >= 4.1 downloads there first. Safetensors: no pickle involved.
+  3. The torch hub cache `$TORCH_HOME/hub/checkpoints/<sig>-<hash>.th` (the legacy
+     dl.fbaipublicfiles.com files, cached by torch.hub.load_state_dict_from_url).
+  4. Online only: a download by `get_model(name)`.
+With offline=True nothing is downloaded: every expected file is checked to exist first, and a
+missing one is a PipelineError naming it, the folders searched and the URL to fetch it from.
+
+Pickle note: a demucs `.th` package stores the model class itself (`klass`) and its constructor
+arguments, so it can only be read with full unpickling (`torch.load(weights_only=False)`, which
+`demucs.states.load_model` does). That can run arbitrary code from the file, so it is only ever
+done for files the user put there (`--repo DIR`, a path given on the command line, a shipped
+checkpoint, the user's own torch hub cache) - never for anything fetched implicitly by us.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from cache.base import Separator
+from cache.registry import (combined_checksum, cached_checksum, hf_cached, hf_offline,
+                            hub_checkpoints_dir, missing_weights_error, pick_options)
+from pipeline.errors import PipelineError
+
+FAMILY = "demucs"
+
+# name -> (type, default, None allowed)
+OPTIONS = {
+    "shifts": (int, 1, False),       # demucs's default: one random shift (seeded, see below)
+    "overlap": (float, 0.25, False),  # apply_model's overlap between chunks
+    "segment": (float, None, True),   # chunk length in seconds; None: the model's own
+}
+
+# apply_model draws the shift offsets from Python's global `random`; we seed it for every call so
+# that the same input always gives the same stems (the stem store relies on that), and restore
+# the global state afterwards.
+SHIFT_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Where weights come from
+# --------------------------------------------------------------------------------------------
+
+def _remote_root() -> Path:
+    from demucs.pretrained import REMOTE_ROOT
+
+    return Path(REMOTE_ROOT)
+
+
+def remote_urls() -> dict[str, str]:
+    """signature -> download URL of every model in demucs's remote repo (demucs/remote/files.txt)."""
+    from demucs.pretrained import _parse_remote_files
+
+    return _parse_remote_files(_remote_root() / "files.txt")
+
+
+def pretrained_names() -> list[str]:
+    """Bag names demucs ships a definition for (htdemucs, htdemucs_ft, mdx_extra_q, ...)."""
+    return sorted(p.stem for p in _remote_root().glob("*.yaml"))
+
+
+def packaged_bag(name: str) -> dict | None:
+    path = _remote_root() / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def is_pretrained(name: str) -> bool:
+    return name in pretrained_names() or name in remote_urls()
+
+
+def sig_of(filename: str) -> str:
+    """The signature demucs's LocalRepo gives a file: `<sig>.th` or `<sig>-<checksum>.th`.
+
+    Careful: LocalRepo treats everything after the last '-' as a sha256 prefix and verifies it,
+    so a custom signature must not contain '-' unless followed by the real checksum.
+    """
+    stem = Path(filename).stem
+    return stem.rsplit("-", 1)[0] if "-" in stem else stem
+
+
+def _local_repo(folder: Path):
+    from demucs.repo import BagOnlyRepo, LocalRepo, ModelLoadingError
+
+    try:
+        local = LocalRepo(folder)
+    except ModelLoadingError as e:
+        raise PipelineError(f"{folder}: {e}") from None
+    return local, BagOnlyRepo(folder, local)
+
+
+def local_has(folder: Path, name: str) -> bool:
+    """Whether a local demucs repo defines `name` (a signature or a bag yaml)."""
+    if not Path(folder).is_dir():
+        return False
+    local, bags = _local_repo(Path(folder))
+    return local.has_model(name) or bags.has_model(name)
+
+
+def is_bag_yaml(path: Path) -> bool:
+    """A demucs bag definition (`models: [sigs]`), not some other YAML lying in the folder."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("models"), list)
+
+
+def pick_local_name(folder: Path) -> str:
+    """The one model of a demucs repo folder: its single bag yaml, else its single .th file."""
+    local, bags = _local_repo(folder)
+    bag_names = sorted(n for n, p in bags.list_model().items() if is_bag_yaml(Path(p)))
+    if len(bag_names) == 1:
+        return bag_names[0]
+    sigs = sorted(local.list_model())
+    if not bag_names and len(sigs) == 1:
+        return sigs[0]
+    choices = bag_names or sigs
+    raise PipelineError(f"{folder}: holds several demucs models ({', '.join(choices)}); "
+                        f"choose one with {folder}:NAME")
+
+
+def _hf_repo_id(name: str) -> str:
+    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
+
+    return f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
+
+
+@dataclass
+class DemucsWeights:
+    """Where one demucs model (a single signature or a bag) is read from."""
+
+    name: str
+    where: str                       # "repo" | "hf" | "hub" | "download"
+    bag: dict                        # {"models": [sigs], "weights": ..., "segment": ...}
+    files: list[Path] = field(default_factory=list)
+    repo: Path | None = None
+    packaged_bag: bool = False       # repo holds the .th files, the yaml comes from demucs
+
+    def checksum(self) -> str:
+        # contents only (a renamed or moved file keeps its key); the bag's signatures, per-source
+        # weights and segment are part of the digest too
+        files = [cached_checksum(p) for p in self.files if p.is_file()]
+        if not files:  # a download that landed somewhere we do not know: fall back to the sigs
+            files = ["signatures"] + list(self.bag.get("models", []))
+        return combined_checksum({"bag": {k: self.bag.get(k) for k in ("models", "weights", "segment")},
+                                  "files": files})
+
+
+def _bag_of(name: str) -> dict:
+    bag = packaged_bag(name)
+    return bag if bag is not None else {"models": [name]}
+
+
+def _url_file(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def locate_demucs(name: str, repo: Path | None = None, offline: bool = False) -> DemucsWeights:
+    """Find the weight files of `name` without downloading anything (see module docstring)."""
+    urls = remote_urls()
+    if repo is not None:
+        repo = Path(repo)
+        if not repo.is_dir():
+            raise PipelineError(f"--repo {repo}: not a folder")
+        local, bags = _local_repo(repo)
+        if local.has_model(name):
+            return DemucsWeights(name, "repo", {"models": [name]}, [Path(local.list_model()[name])], repo)
+        if bags.has_model(name):
+            with open(bags.list_model()[name]) as f:
+                bag, packaged = yaml.safe_load(f), False
+        elif packaged_bag(name) is not None:
+            bag, packaged = packaged_bag(name), True
+        else:
+            held = sorted(set(local.list_model()) | set(bags.list_model()))
+            raise PipelineError(f"{name}: not found in {repo} (it holds: {', '.join(held) or 'no demucs models'})")
+        sigs = list(bag["models"])
+        missing = [s for s in sigs if not local.has_model(s)]
+        if missing:
+            files = [(_url_file(urls[s]), urls[s]) if s in urls else (f"{s}.th", None) for s in missing]
+            raise missing_weights_error(name, files, [str(repo)])
+        return DemucsWeights(name, "repo", bag, [Path(local.list_model()[s]) for s in sigs], repo, packaged)
+
+    if not is_pretrained(name):
+        raise PipelineError(f"{name}: not a pretrained demucs model (known: {', '.join(pretrained_names())})")
+    bag = _bag_of(name)
+    sigs = list(bag["models"])
+
+    hf_id = None
+    if packaged_bag(name) is not None:  # named bags are on the HF hub, single signatures are not
+        hf_id = _hf_repo_id(name)
+        hf_yaml = hf_cached(hf_id, f"{name}.yaml")
+        if hf_yaml is not None:
+            with open(hf_yaml) as f:
+                hf_bag = yaml.safe_load(f)
+            st = [hf_cached(hf_id, f"{s}.safetensors") for s in hf_bag["models"]]
+            if all(p is not None for p in st):
+                return DemucsWeights(name, "hf", hf_bag, [hf_yaml, *st])
+
+    hub = hub_checkpoints_dir()
+    unknown = [s for s in sigs if s not in urls]
+    if unknown:  # cannot happen with demucs's own files; guard against a broken install
+        raise PipelineError(f"{name}: signatures {', '.join(unknown)} missing from demucs's files.txt")
+    wanted = [(s, _url_file(urls[s])) for s in sigs]
+    missing = [(f, urls[s]) for s, f in wanted if not (hub / f).is_file()]
+    if not missing:
+        return DemucsWeights(name, "hub", bag, [hub / f for _, f in wanted])
+    if offline:
+        extra = "or pass --repo DIR holding them"
+        if hf_id:
+            extra += f"; a Hugging Face cache of {hf_id} also works"
+        raise missing_weights_error(name, missing, [str(hub), "--repo DIR"], extra)
+    return DemucsWeights(name, "download", bag)
+
+
+# --------------------------------------------------------------------------------------------
+# What a demucs model is
+# --------------------------------------------------------------------------------------------
+
+def _load_model(w: DemucsWeights):
+    """The demucs model (or BagOfModels) from located weights, through demucs's own loaders."""
+    from demucs.pretrained import get_model
+    from demucs.repo import ModelLoadingError
+
+    try:
+        if w.where == "repo" and not w.packaged_bag:
+            model = get_model(w.name, repo=w.repo)
+        elif w.where == "repo":
+            from demucs.repo import BagOnlyRepo, LocalRepo
+
+            model = BagOnlyRepo(_remote_root(), LocalRepo(w.repo)).get_model(w.name)
+        elif w.where == "hf":
+            from demucs.hf import get_hf_model
+
+            with hf_offline():  # every file is cached: read them, never ask the hub
+                model = get_hf_model(w.name)
+        elif w.where == "hub":
+            # The HF attempt inside get_model fails fast (cache-only, not cached), then demucs's
+            # RemoteRepo finds the files in the torch hub cache and does not download.
+            with hf_offline():
+                model = get_model(w.name)
+        else:
+            model = get_model(w.name)
+    except ImportError as e:
+        if "diffq" in str(e):
+            raise PipelineError(f"{w.name}: a quantized model; it needs diffq (pip install diffq)") from None
+        raise
+    except ModelLoadingError as e:
+        raise PipelineError(f"{w.name}: {e}") from None
+    except OSError as e:  # network failures of a download, unreadable files
+        raise PipelineError(f"{w.name}: could not load the weights ({e}); for offline use see "
+                            f"--offline and --repo") from None
+    except SystemExit:  # demucs.utils.fatal
+        raise PipelineError(f"{w.name}: demucs could not load this model") from None
+    model.eval()
+    return model
+
+
+class DemucsSeparator(Separator):
+    family = FAMILY
+
+    def __init__(self, model, name: str, weights_checksum: str, shifts: int = 1,
+                 overlap: float = 0.25, segment: float | None = None):
+        from demucs.apply import BagOfModels
+        from demucs.htdemucs import HTDemucs
+
+        self.model = model
+        self.name = name
+        self.sources = tuple(model.sources)
+        self.sample_rate = int(model.samplerate)
+        if int(model.audio_channels) != 2:
+            raise PipelineError(f"{name}: a {model.audio_channels}-channel demucs model; only stereo models are supported")
+        if shifts < 0:
+            raise PipelineError(f"{name}: shifts must be >= 0, got {shifts}")
+        if not 0 <= overlap < 1:
+            raise PipelineError(f"{name}: overlap must be in [0, 1), got {overlap}")
+        if isinstance(model, BagOfModels):
+            max_segment = model.max_allowed_segment
+        elif isinstance(model, HTDemucs):
+            max_segment = float(model.segment)
+        else:
+            max_segment = float("inf")
+        if segment is not None and not 0 < segment <= max_segment:
+            raise PipelineError(f"{name}: segment {segment} s must be > 0 and at most {max_segment:g} s, "
+                                f"the length this transformer model was trained on")
+        self.shifts, self.overlap, self.segment = shifts, overlap, segment
+        self._checksum = weights_checksum
+
+    def options(self) -> dict:
+        return {"shifts": self.shifts, "overlap": self.overlap, "segment": self.segment,
+                "shift_seed": SHIFT_SEED if self.shifts else None}
+
+    def weights_checksum(self) -> str:
+        return self._checksum
+
+    def to(self, device) -> "DemucsSeparator":
+        super().to(device)
+        self.model.to(self.device)
+        return self
+
+    def separate(self, mixture: torch.Tensor) -> torch.Tensor:
+        """[2, n] at sample_rate -> [S, 2, n]; normalised like demucs.api.Separator.separate_tensor."""
+        from demucs.apply import apply_model
+
+        mixture = mixture.to(self.device, torch.float32)
+        ref = mixture.mean(0)
+        mean = ref.mean()
+        std = ref.std() + 1e-8 if ref.numel() > 1 else torch.ones((), device=mixture.device)
+        state = random.getstate()
+        random.seed(SHIFT_SEED)
+        try:
+            out = apply_model(self.model, ((mixture - mean) / std)[None], shifts=self.shifts,
+                              split=True, overlap=self.overlap, segment=self.segment,
+                              device=self.device, progress=False, num_workers=0)
+        finally:
+            random.setstate(state)
+        return out[0] * std + mean
+
+
+def load_demucs(name: str, *, repo: Path | None = None, offline: bool = False, device="cpu",
+                options: dict | None = None, label: str | None = None) -> DemucsSeparator:
+    """A pretrained name or a model of a local repo -> DemucsSeparator on `device`."""
+    opts = pick_options(FAMILY, options, OPTIONS)
+    weights = locate_demucs(name, repo, offline)
+    model = _load_model(weights)
+    if weights.where == "download":  # now cached: find the files to checksum them
+        try:
+            weights = locate_demucs(name, None, offline=True)
+        except PipelineError:
+            pass
+    sep = DemucsSeparator(model, label or name, weights.checksum(), **opts)
+    return sep.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing demucs models (tiny test models, checkpoints we ship)
+# --------------------------------------------------------------------------------------------
+
+def package_model(model, training_args: dict | None = None, half: bool = True) -> dict:
+    """demucs.states.serialize_model's package: {klass, args, kwargs, state, training_args}.
+
+    serialize_model itself needs omegaconf (a demucs[train] extra, not installed here) only to turn
+    the Hydra training config into a plain dict; without it the identical dict is built with
+    demucs's own get_state.
+    """
+    from demucs import states
+
+    try:
+        from omegaconf import OmegaConf  # noqa: F401
+    except ImportError:
+        args, kwargs = model._init_args_kwargs
+        return {"klass": model.__class__, "args": args, "kwargs": kwargs,
+                "state": states.get_state(model, None, half), "training_args": dict(training_args or {})}
+    return states.serialize_model(model, OmegaConf.create(dict(training_args or {})), half=half)
+
+
+def export_model(model, folder: str | Path, sig: str, training_args: dict | None = None,
+                 half: bool = True, with_checksum: bool = True) -> Path:
+    """Save a demucs model so that `get_model(sig, repo=folder)` loads it.
+
+    with_checksum: `<sig>-<sha256[:8]>.th` via demucs.states.save_with_checksum (as demucs's
+    export tool does; LocalRepo verifies it on load), else `<sig>.th`.
+    """
+    from demucs.states import save_with_checksum
+
+    if "-" in sig:
+        raise PipelineError(f"demucs signature '{sig}' must not contain '-' (demucs reads what follows as a checksum)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pkg = package_model(model, training_args, half)
+    if with_checksum:
+        save_with_checksum(pkg, folder / f"{sig}.th")
+        return next(folder.glob(f"{sig}-*.th"))
+    path = folder / f"{sig}.th"
+    torch.save(pkg, path)
+    return path

@@ -1,0 +1,331 @@
+"""From a user-facing model spec to a loaded `Separator`.
+
+Two questions are kept apart, as in demucs's pretrained.py / repo.py:
+
+* where weights come from (this module's "weight locations" helpers, plus each adapter's
+  `locate_*` functions): a local folder (`--repo DIR`), the torch hub cache
+  (`$TORCH_HOME/hub/checkpoints`), the Hugging Face cache, a shipped checkpoint folder under
+  `cache/checkpoints/<name>/`, or (online only) a download;
+* what a model is (each adapter's Separator class): how it is built and how it separates.
+
+`load_separator(spec, ...)` accepts
+  - a pretrained name: demucs's (htdemucs, htdemucs_ft, htdemucs_6s, hdemucs_mmi, mdx, mdx_extra,
+    mdx_q, mdx_extra_q, ... or a single demucs signature), Open-Unmix's (umxhq, umxl, umx), or
+    `xumx` (official X-UMX weights; never downloaded, must be a local file);
+  - a path: a demucs repo folder (`<sig>.th` files, bag `<name>.yaml`; pick one with `DIR:NAME`
+    when it holds several), a `<sig>.th` / `<name>.yaml` file, an Open-Unmix model folder
+    (`separator.json`, `<target>.json`, `<target>.pth`), an X-UMX `.pth` file (or a folder
+    holding exactly one);
+  - the name of a shipped checkpoint folder `cache/checkpoints/<name>/` (family detected from
+    the files present; `MODEL.md` is the model card and is ignored here).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+OPENUNMIX_NAMES = ("umxhq", "umxl", "umx")
+XUMX_NAMES = ("xumx",)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight locations (shared by the adapters)
+# --------------------------------------------------------------------------------------------
+
+def hub_checkpoints_dir() -> Path:
+    """Where torch.hub.load_state_dict_from_url caches files: $TORCH_HOME/hub/checkpoints."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def enable_offline() -> None:
+    """Make Hugging Face hub calls cache-only for the rest of the process.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import, so the constant is patched as well when
+    it has already been imported.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def hf_offline():
+    """Hugging Face hub cache-only within the block (restored afterwards)."""
+    import huggingface_hub.constants as constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def hf_cached(repo_id: str, filename: str) -> Path | None:
+    """The cached file of a Hugging Face repo, or None; never touches the network."""
+    import huggingface_hub.constants as constants
+
+    # the cache layout is <HF_HUB_CACHE>/models--<owner>--<name>/; skip importing the download
+    # machinery (about a second) when the repo was never cached
+    if not (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+_CHECKSUMS: dict[tuple, str] = {}
+
+
+def cached_checksum(path: str | Path) -> str:
+    """sha256 of a file, memoised per (path, size, mtime) so a bag is hashed once per process."""
+    from cache.base import file_checksum
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKSUMS:
+        _CHECKSUMS[key] = file_checksum(p)
+    return _CHECKSUMS[key]
+
+
+def combined_checksum(parts: Any) -> str:
+    """One hex digest for several files' checksums plus whatever else defines the weights."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def missing_weights_error(model: str, files: list[tuple[str, str | None]], folders: list[str],
+                          extra: str = "") -> PipelineError:
+    """The one-line 'weights not found' error: which files, where we looked, how to fix it.
+
+    files: (file name, download URL or None).
+    """
+    names = ", ".join(f for f, _ in files)
+    urls = " ".join(u for _, u in files if u)
+    where = " or ".join(folders)
+    msg = f"{model}: weights {names} not found in {where}"
+    if urls:
+        msg += f"; download {urls} on a machine with internet and put {'it' if len(files) == 1 else 'them'} in one of those folders"
+    if extra:
+        msg += f" ({extra})"
+    return PipelineError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+# Every option any family understands. One `options` dict is shared by all models of a CLI run
+# (e.g. --shifts with -m htdemucs -m umxl), so a family ignores the others' options; a name no
+# family knows is an error.
+ALL_OPTIONS = {"shifts", "overlap", "segment", "niter", "residual", "wiener_win_len"}
+
+
+def _coerce(name: str, value, kind: type, allow_none: bool):
+    if value is None:
+        if allow_none:
+            return None
+        raise PipelineError(f"option {name}: a value is required")
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"option {name}={value!r}: expected {kind.__name__}") from None
+
+
+def pick_options(family: str, options: dict | None, spec: dict[str, tuple[type, Any, bool]]) -> dict:
+    """This family's options from `options`, typed, with defaults.
+
+    spec: name -> (type, default, None allowed). Unknown names (no family knows them) fail.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - ALL_OPTIONS)
+    if unknown:
+        raise PipelineError(f"unknown model option(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(ALL_OPTIONS))}")
+    out = {}
+    for name, (kind, default, allow_none) in spec.items():
+        out[name] = _coerce(name, options[name], kind, allow_none) if name in options else default
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Spec -> family + locator
+# --------------------------------------------------------------------------------------------
+
+def demucs_names() -> list[str]:
+    from cache.demucs_adapter import pretrained_names
+
+    return pretrained_names()
+
+
+def shipped_checkpoints() -> list[str]:
+    if not CHECKPOINTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in CHECKPOINTS_DIR.iterdir()
+                  if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def known_names() -> dict[str, list[str]]:
+    return {"demucs": demucs_names(), "openunmix": list(OPENUNMIX_NAMES), "xumx": list(XUMX_NAMES),
+            "shipped": shipped_checkpoints()}
+
+
+def detect_family(folder: Path) -> str:
+    """Which family a model folder holds, from the files present."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    names = {p.name for p in files}
+    if "separator.json" in names:
+        return "openunmix"
+    if any(p.suffix == ".th" for p in files):
+        return "demucs"
+    if any(p.suffix == ".yaml" for p in files):
+        from cache.demucs_adapter import is_bag_yaml
+
+        if any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"):
+            return "demucs"
+    pths = [p for p in files if p.suffix == ".pth"]
+    if len(pths) == 1:
+        return "xumx"
+    if pths:
+        raise PipelineError(f"{folder}: several .pth files and no separator.json; pass the X-UMX "
+                            f".pth file itself, or add separator.json for an Open-Unmix model")
+    raise PipelineError(f"{folder}: no model files found (expected demucs <sig>.th / <name>.yaml, "
+                        f"Open-Unmix separator.json + <target>.json + <target>.pth, or an X-UMX .pth)")
+
+
+def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
+    family = detect_family(folder)
+    if family == "demucs":
+        from cache.demucs_adapter import load_demucs, pick_local_name
+
+        return load_demucs(name or pick_local_name(folder), repo=folder, offline=offline,
+                           device=device, options=options, label=label)
+    if name is not None:
+        raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
+    if family == "openunmix":
+        from cache.openunmix_adapter import load_openunmix
+
+        return load_openunmix(str(folder), device=device, offline=offline, options=options,
+                              label=label)
+    from cache.xumx_adapter import load_xumx
+
+    pth = next(p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth")
+    return load_xumx(pth, device=device, options=options, label=label)
+
+
+def _split_dir_name(spec: str) -> tuple[Path, str] | None:
+    """'DIR:NAME' where DIR is an existing folder (a demucs repo and one of its models)."""
+    if ":" not in spec:
+        return None
+    head, name = spec.rsplit(":", 1)
+    folder = Path(head).expanduser()
+    if head and name and folder.is_dir():
+        return folder, name
+    return None
+
+
+def _check_device(device) -> "Any":
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PipelineError(f"device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str | Path | None = None,
+                   options: dict | None = None):
+    """Load a base separator from a name or path (see the module docstring); on `device`.
+
+    offline=True never downloads: HF_HUB_OFFLINE=1 is set, and a missing weight file is a
+    PipelineError naming the file, where it was looked for and how to place it.
+    """
+    spec = str(spec).strip()
+    if not spec:
+        raise PipelineError("empty model name")
+    dev = _check_device(device)
+    if offline:
+        enable_offline()
+    repo_path = Path(repo).expanduser() if repo is not None else None
+    if repo_path is not None and not repo_path.is_dir():
+        raise PipelineError(f"--repo {repo}: not a folder")
+
+    dir_name = _split_dir_name(spec)
+    if dir_name is not None:
+        folder, name = dir_name
+        return _load_folder(folder, name, device=dev, offline=offline, options=options)
+
+    path = Path(spec).expanduser()
+    looks_like_path = os.sep in spec or spec.startswith(".") or path.suffix in (".th", ".yaml", ".pth")
+    if path.exists():
+        if path.is_dir():
+            return _load_folder(path, None, device=dev, offline=offline, options=options)
+        if path.suffix == ".pth":
+            from cache.xumx_adapter import load_xumx
+
+            return load_xumx(path, device=dev, options=options)
+        if path.suffix in (".th", ".yaml"):
+            from cache.demucs_adapter import load_demucs, sig_of
+
+            name = sig_of(path.name) if path.suffix == ".th" else path.stem
+            return load_demucs(name, repo=path.parent, offline=offline, device=dev, options=options)
+        raise PipelineError(f"{path}: not a model file (expected a demucs .th/.yaml or an X-UMX .pth)")
+    if looks_like_path:
+        raise PipelineError(f"{spec}: no such file or folder")
+
+    if spec in OPENUNMIX_NAMES:
+        from cache.openunmix_adapter import load_openunmix
+
+        return load_openunmix(spec, device=dev, offline=offline, repo=repo_path, options=options)
+    if spec in XUMX_NAMES:
+        from cache.xumx_adapter import load_xumx, locate_official_xumx
+
+        return load_xumx(locate_official_xumx(repo_path), device=dev, options=options, label=spec)
+    from cache.demucs_adapter import is_pretrained, load_demucs, local_has
+
+    if is_pretrained(spec) or (repo_path is not None and local_has(repo_path, spec)):
+        return load_demucs(spec, repo=repo_path, offline=offline, device=dev, options=options)
+    shipped = CHECKPOINTS_DIR / spec
+    if shipped.is_dir():
+        return _load_folder(shipped, None, device=dev, offline=offline, options=options, label=spec)
+
+    known = known_names()
+    listing = "; ".join(f"{fam}: {', '.join(names) if names else '(none)'}"
+                        for fam, names in known.items())
+    where = f" (nor a model in --repo {repo_path})" if repo_path is not None else ""
+    raise PipelineError(f"unknown model '{spec}'{where}. Known names - {listing}; "
+                        f"or give a path to a model file or folder")

@@ -1,0 +1,232 @@
+"""X-UMX (CrossNet-Open-Unmix) through asteroid, with our own time-domain wrapper.
+
+Why a workaround, and why all of it lives in this one file: in asteroid 0.7.0
+`asteroid.models.XUMX` is a stub that raises ("broken in torch 2.0"); the network survives as
+`asteroid.models.x_umx.BrokenXUMX`. Its forward still returns the masked magnitude spectrograms,
+but its `return_time_signals=True` path calls `torch.istft` on a real tensor, which torch 2
+rejects, and its STFT uses the deprecated `return_complex=False`. So we use only the network
+(`forward_masker` + `apply_masks`) and do the rest as asteroid's X-UMX recipe (egs/musdb18/
+X-UMX/eval.py) does: STFT of the mixture with the model's parameters (window_length, in_chan =
+n_fft, n_hop, centred, reflect padding, Hann window) -> magnitude (`spec_power`) -> masked
+magnitude estimates -> multichannel Wiener filtering (`openunmix.filtering.wiener`, the torch
+port of the norbert filter the recipe uses; `niter` option) -> complex spectrograms -> ISTFT,
+trimmed/padded to the input length. Long inputs are cut into `segment`-second pieces and
+cross-faded with pipeline.chunking.overlap_add (the BiLSTMs and the Wiener step otherwise cost
+GBs on a full track). When asteroid fixes XUMX, only this file changes.
+
+Checkpoints: asteroid's serialized dict (`BaseModel.serialize()`, as the recipe's train.py saves
+it and as the official `pretrained_xumx_musdb18HQ.pth` is): `model_name` ('XUMX'; 'BrokenXUMX' if
+serialized with asteroid 0.7), `state_dict`, `model_args` (window_length, in_chan, n_hop,
+sample_rate, sources, hidden_size, nb_channels, max_bin, nb_layers, bidirectional, spec_power,
+...), and `infos`. It is read with `torch.load(weights_only=True)`; the only non-tensor objects
+such files carry are `torch.__version__` (a TorchVersion, a str subclass, in infos) and numeric
+numpy scalars (max_bin from `bandwidth_to_max_bin` is a numpy int: np.dtype, the numeric
+numpy.dtypes classes and multiarray.scalar), which are allow-listed explicitly - nothing else is
+ever unpickled. Never downloaded: `xumx` must be a local file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cache.base import Separator
+from cache.registry import cached_checksum, hub_checkpoints_dir, missing_weights_error, pick_options
+from pipeline.chunking import overlap_add
+from pipeline.errors import PipelineError
+
+FAMILY = "xumx"
+
+OFFICIAL_FILES = {
+    "pretrained_xumx_musdb18HQ.pth": "https://zenodo.org/record/4740378/files/pretrained_xumx_musdb18HQ.pth",
+}
+
+OPTIONS = {
+    "niter": (int, None, True),           # Wiener EM iterations; None: 1, or 0 with a single stem
+    "residual": (bool, False, False),     # add a "residual" stem (mixture minus the estimates)
+    "wiener_win_len": (int, 300, False),  # frames per Wiener filtering block
+    "segment": (float, 30.0, False),      # seconds per chunk for long inputs
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Where weights come from
+# --------------------------------------------------------------------------------------------
+
+def locate_official_xumx(repo: Path | None = None) -> Path:
+    """The official X-UMX file in --repo DIR or the torch hub cache; never downloads."""
+    folders = ([Path(repo)] if repo is not None else []) + [hub_checkpoints_dir()]
+    for fname in OFFICIAL_FILES:
+        for folder in folders:
+            if (folder / fname).is_file():
+                return folder / fname
+    raise missing_weights_error("xumx", list(OFFICIAL_FILES.items()),
+                                [str(hub_checkpoints_dir()), "--repo DIR"],
+                                "or pass the path of any X-UMX .pth file")
+
+
+def _safe_globals() -> list:
+    """The non-tensor globals an asteroid-serialized X-UMX file legitimately contains."""
+    import numpy as np
+    from torch.torch_version import TorchVersion
+
+    try:
+        scalar = np._core.multiarray.scalar  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        scalar = np.core.multiarray.scalar
+    numeric = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+               "Byte", "UByte", "Short", "UShort", "Int", "UInt", "Long", "ULong", "LongLong",
+               "ULongLong", "Float16", "Float32", "Float64", "LongDouble", "Complex64",
+               "Complex128", "CLongDouble")
+    dtypes = getattr(np, "dtypes", None)
+    dtype_classes = [getattr(dtypes, f"{n}DType") for n in numeric if hasattr(dtypes, f"{n}DType")]
+    return [TorchVersion, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            conf = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a disallowed global), RuntimeError, OSError
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"{path}: not a loadable asteroid X-UMX checkpoint ({first})") from None
+    if not isinstance(conf, dict) or not {"model_name", "state_dict", "model_args"} <= set(conf):
+        keys = ", ".join(map(str, conf)) if isinstance(conf, dict) else type(conf).__name__
+        raise PipelineError(f"{path}: not an asteroid serialized model (needs model_name, state_dict, "
+                            f"model_args; found {keys})")
+    if conf["model_name"] not in ("XUMX", "BrokenXUMX"):
+        raise PipelineError(f"{path}: an asteroid {conf['model_name']} model, not X-UMX")
+    return conf
+
+
+# --------------------------------------------------------------------------------------------
+# What an X-UMX model is
+# --------------------------------------------------------------------------------------------
+
+def build_network(conf: dict, path: Path):
+    """BrokenXUMX from a serialized dict, all weights loaded (strict)."""
+    import inspect
+
+    from asteroid.models.x_umx import BrokenXUMX
+
+    args = {k: (v.item() if hasattr(v, "item") else v) for k, v in conf["model_args"].items()}
+    accepted = set(inspect.signature(BrokenXUMX.__init__).parameters) - {"self"}
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise PipelineError(f"{path}: unknown X-UMX model_args {', '.join(unknown)}")
+    args["return_time_signals"] = False
+    if args.get("window_length", 4096) != args.get("in_chan", 4096):
+        # BrokenXUMX's own STFT passes a window of window_length with n_fft=in_chan
+        raise PipelineError(f"{path}: window_length != in_chan is not supported by X-UMX")
+    try:
+        net = BrokenXUMX(**args)
+        net.load_state_dict(conf["state_dict"], strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise PipelineError(f"{path}: weights do not fit the X-UMX model_args "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    return net.eval()
+
+
+def _resolve_niter(name: str, niter: int | None, n_stems: int) -> int:
+    if niter is None:
+        return 1 if n_stems > 1 else 0
+    if niter < 0:
+        raise PipelineError(f"{name}: niter must be >= 0, got {niter}")
+    if niter > 0 and n_stems < 2:
+        raise PipelineError(f"{name}: Wiener EM (niter={niter}) needs at least two stems; "
+                            f"use niter=0 or residual=true")
+    return niter
+
+
+class XUMXSeparator(Separator):
+    family = FAMILY
+
+    def __init__(self, net, name: str, weights_checksum: str, *, niter: int | None = None,
+                 residual: bool = False, wiener_win_len: int = 300, segment: float = 30.0):
+        self.net = net
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.name = name
+        self.sources = tuple(net.sources) + (("residual",) if residual else ())
+        rate = float(net.sample_rate)
+        if not rate.is_integer():
+            raise PipelineError(f"{name}: non-integer sample rate {rate}")
+        self.sample_rate = int(rate)
+        self.niter = _resolve_niter(name, niter, len(self.sources))
+        self.residual = residual
+        if wiener_win_len <= 0 or segment <= 0:
+            raise PipelineError(f"{name}: wiener_win_len and segment must be > 0")
+        if segment * self.sample_rate < 2 * net.in_chan:
+            raise PipelineError(f"{name}: segment {segment} s is shorter than two STFT windows")
+        self.wiener_win_len, self.segment = wiener_win_len, segment
+        self._checksum = weights_checksum
+
+    def options(self) -> dict:
+        return {"niter": self.niter, "residual": self.residual,
+                "wiener_win_len": self.wiener_win_len, "segment": self.segment}
+
+    def weights_checksum(self) -> str:
+        return self._checksum
+
+    def to(self, device) -> "XUMXSeparator":
+        super().to(device)
+        self.net.to(self.device)
+        return self
+
+    def _window(self, device) -> torch.Tensor:
+        # the model's own STFT window (a Hann of window_length, stored in the checkpoint)
+        return self.net.encoder[0].window.detach().to(device)
+
+    def separate_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 2, T] -> [B, S, 2, T], without chunking."""
+        from openunmix.filtering import wiener
+
+        net = self.net
+        B, C, T = x.shape
+        window = self._window(x.device)
+        X = torch.stft(x.reshape(B * C, T), n_fft=net.in_chan, hop_length=net.n_hop, window=window,
+                       center=True, pad_mode="reflect", normalized=False, onesided=True,
+                       return_complex=True)
+        X = X.reshape(B, C, X.shape[-2], X.shape[-1])                 # [B, C, F, frames]
+        mag = X.abs().pow(net.spec_power)
+        if net.nb_channels == 1:
+            mag = mag.mean(1, keepdim=True)
+        spec = mag.permute(3, 0, 1, 2)                                # [frames, B, C', F]
+        masks = net.forward_masker(spec.clone())
+        V = net.apply_masks(spec, masks)                              # [S, frames, B, C', F]
+        frames, F = X.shape[-1], X.shape[-2]
+        n_out = len(self.sources)
+        out = torch.empty(B, n_out, C, T, device=x.device)
+        for b in range(B):
+            v = V[:, :, b].permute(1, 3, 2, 0)                        # [frames, F, C', S]
+            mix = torch.view_as_real(X[b]).permute(2, 1, 0, 3)        # [frames, F, C, 2]
+            Y = torch.zeros(frames, F, C, 2, n_out, device=x.device)
+            for start in range(0, frames, self.wiener_win_len):
+                sl = slice(start, min(frames, start + self.wiener_win_len))
+                Y[sl] = wiener(v[sl], mix[sl], self.niter, softmask=False, residual=self.residual)
+            Yc = torch.view_as_complex(Y.permute(4, 2, 1, 0, 3).contiguous())  # [S, C, F, frames]
+            y = torch.istft(Yc.reshape(n_out * C, F, frames), n_fft=net.in_chan,
+                            hop_length=net.n_hop, window=window, center=True, length=T)
+            out[b] = y.reshape(n_out, C, T)
+        return out
+
+    def separate(self, mixture: torch.Tensor) -> torch.Tensor:
+        mixture = mixture.to(self.device, torch.float32)
+        seg = int(round(self.segment * self.sample_rate))
+        if mixture.shape[-1] <= seg:
+            return self.separate_chunk(mixture[None])[0]
+        return overlap_add(self.separate_chunk, mixture, seg, hop=seg // 2)
+
+
+def load_xumx(path: str | Path, *, device="cpu", options: dict | None = None,
+              label: str | None = None) -> XUMXSeparator:
+    """An asteroid X-UMX .pth file -> XUMXSeparator on `device`."""
+    opts = pick_options(FAMILY, options, OPTIONS)
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such X-UMX file")
+    conf = read_checkpoint(path)
+    net = build_network(conf, path)
+    sep = XUMXSeparator(net, label or path.stem, cached_checksum(path), **opts)
+    return sep.to(device)
