@@ -98,8 +98,12 @@ def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False
 
 
 def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=(0, 1),
-                force=False, splits=None, progress=True) -> dict:
-    """Separate every (selected) track with `separator` unless its stems are already stored."""
+                force=False, splits=None, progress=True, load: dict | None = None) -> dict:
+    """Separate every (selected) track with `separator` unless its stems are already stored.
+
+    `load` ({"spec", "repo", "options"}: how `cache.registry.load_separator` built it) is kept in
+    model.json so `pipeline separate` can run the same model on new audio.
+    """
     from cache.inference import separate_array
 
     identity = separator.identity()
@@ -107,7 +111,7 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
     store.write_model_info(key, {"key": key, "name": separator.name, "family": separator.family,
                                  "sources": list(separator.sources),
                                  "sample_rate": separator.sample_rate, "identity": identity,
-                                 "versions": package_versions()})
+                                 "load": load, "versions": package_versions()})
     tracks = [t for t in dataset.tracks if splits is None or t.split in splits][shard[0]::shard[1]]
     todo = [t for t in tracks if force or not store.has_stems(key, dataset.id, entry_of(t))]
     t_start, done = time.perf_counter(), 0

@@ -109,7 +109,8 @@ def cache(
                                           niter=niter).items() if v is not None}
         for spec in model:
             sep = load_separator(spec, device=dev, offline=offline, repo=repo, options=options)
-            s = cache_model(store, ds, sep, shard=shard_, force=force, splits=split or None)
+            load = {"spec": spec, "repo": str(repo) if repo else None, "options": options}
+            s = cache_model(store, ds, sep, shard=shard_, force=force, splits=split or None, load=load)
             console.print(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, "
                           f"{s['skipped']} already cached, {s['seconds']:.1f} s "
                           f"({s['realtime']:.2f}x real time)")
@@ -194,6 +195,143 @@ def cache_verify(work: Optional[Path] = WorkOpt):
     console.print(f"{n} entries checked, {len(problems)} damaged")
     if problems:
         raise typer.Exit(1)
+
+
+def store_dataset_id(spec: str, work: Path) -> str:
+    """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'."""
+    from cache.store import StemStore
+
+    store = StemStore(store_dir(work))
+    if spec in store.datasets():
+        return spec
+    ds_id = open_dataset_spec(spec, work).id
+    store.dataset_info(ds_id)  # a clear error when it was never cached
+    return ds_id
+
+
+def _run_dir(work: Path, name: str, out: Optional[Path]) -> Path:
+    from pipeline.config import runs_dir
+
+    return out or runs_dir(work) / name
+
+
+ModelsOpt = typer.Option(..., "--model", "-m", help="Cached base model (name or store key). Repeatable.")
+DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store id, folder, or 'synthetic').")
+
+
+@app.command("blend")
+def blend(
+    model: List[str] = ModelsOpt,
+    dataset: str = DatasetOpt,
+    name: str = typer.Option("blend", help="Run name: the run folder is <work>/runs/NAME."),
+    step: float = typer.Option(0.05, help="Grid step on the weight simplex."),
+    objective: str = typer.Option("museval", help="museval (median/median framewise SDR) or usdr (mean whole-track SDR)."),
+    split: str = typer.Option("valid", help="Split to search on."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run folder."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Danna-Sep linear blend: per-source convex weights by grid search on the valid split."""
+    from cache.store import StemStore
+    from mixer.blend import search_blend
+
+    w = work_dir(work)
+    run = _run_dir(w, name, out)
+    if (run / "config.json").exists() and not force:
+        raise PipelineError(f"{run}: run folder exists; pass --force to overwrite or choose another --name")
+    config = search_blend(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, step=step,
+                          objective=objective, split=split, run_dir=run)
+    Console().print((run / "weights.md").read_text() if (run / "weights.md").exists() else config)
+    console.print(f"blend run written to {run}")
+
+
+@app.command("train-mixer")
+def train_mixer_cmd(
+    model: List[str] = ModelsOpt,
+    arch: str = typer.Option("mdx-mixer", help="conv1x1 (time-invariant) or mdx-mixer (time-varying)."),
+    dataset: str = DatasetOpt,
+    name: Optional[str] = typer.Option(None, help="Run name (default: the architecture and preset)."),
+    preset: str = typer.Option("cpu", help="paper (T=2^18,F=2^7,N=8), ablation-17, ablation-16, cpu (T=2^16,F=2^5,N=2), tiny."),
+    T: Optional[int] = typer.Option(None, "-T", help="Segment length in samples (overrides the preset)."),
+    F: Optional[int] = typer.Option(None, "-F", help="Fold factor (overrides the preset)."),
+    N: Optional[int] = typer.Option(None, "-N", help="MLP-Mixer layers (overrides the preset)."),
+    p: float = typer.Option(0.0, "-p", help="Dropout."),
+    with_mixture: bool = typer.Option(True, "--with-mixture/--without-mixture", help="Feed the mixture as input channels."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 50 conv1x1, 100 mdx-mixer)."),
+    batch: int = typer.Option(4, help="Batch size per device."),
+    lr: float = typer.Option(3e-4, help="Adam learning rate."),
+    shift: int = typer.Option(2 ** 15, help="Shift between training segments, samples."),
+    max_segments: Optional[int] = typer.Option(None, help="Cap on training segments per epoch."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Train a conv1x1 or MDX-Mixer mixing-weight estimator on cached stems (resumes when re-run)."""
+    from cache.store import StemStore
+    from mixer.train import train_mixer
+
+    w = work_dir(work)
+    run = _run_dir(w, name or f"{arch}-{preset}", out)
+    result = train_mixer(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, arch, run,
+                         with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
+                         batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
+                         resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers)
+    console.print(f"mixer run written to {run} ({result})")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset: str = DatasetOpt,
+    model: List[str] = typer.Option([], "--model", "-m", help="Base models (default: every cached model with stems for the split)."),
+    run: List[Path] = typer.Option([], "--run", "-r", help="Mixer run folder or name under <work>/runs. Repeatable."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Every run folder in <work>/runs for this dataset."),
+    estimates: List[str] = typer.Option([], "--estimates", help="NAME=DIR: score a folder of estimates (museval layout) too."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    selection_split: str = typer.Option("valid", help="Split used to pick the best base model per source."),
+    oracles: bool = typer.Option(True, "--oracles/--no-oracles", help="Add oracle references (mixture, IRM)."),
+    full_metrics: bool = typer.Option(False, "--full-metrics", help="Also ISR/SIR/SAR through museval (slow)."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default <work>/reports/<dataset>-<split>)."),
+    device: Optional[str] = typer.Option(None, help="Device for mixers."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Score every system (base models, selections, blends, mixers, oracles) side by side."""
+    from cache.store import StemStore
+    from pipeline.config import reports_dir, runs_dir
+    from reports.evaluate import evaluate
+
+    w = work_dir(work)
+    store = StemStore(store_dir(w))
+    ds_id = store_dataset_id(dataset, w)
+    models = list(model)
+    for item in estimates:
+        if "=" not in item:
+            raise PipelineError(f"--estimates {item}: expected NAME=DIR")
+        est_name, folder = item.split("=", 1)
+        from cache.imported import import_estimates
+        from pipeline.datasets import open_dataset
+
+        ds = open_dataset(store.dataset_info(ds_id)["root"])
+        import_estimates(store, ds, est_name, Path(folder), splits=[split])
+        models = models or [k for k in store.models() if store.model_info(k)["family"] != "imported"]
+        models.append(est_name)
+    runs = [r if r.exists() else runs_dir(w) / r for r in run]
+    if all_runs and runs_dir(w).exists():
+        from cache.store import read_json
+
+        runs += [d for d in sorted(runs_dir(w).iterdir()) if (d / "config.json").exists()
+                 and read_json(d / "config.json").get("dataset") == ds_id and d not in runs]
+    for r in runs:
+        if not (r / "config.json").exists():
+            raise PipelineError(f"{r}: not a run folder (no config.json)")
+    out = out or reports_dir(w) / f"{ds_id}-{split}"
+    result = evaluate(store, ds_id, models=models, runs=runs, split=split, out=out,
+                      cache_root=w / "evalcache", selection_split=selection_split, oracles=oracles,
+                      full_metrics=full_metrics, device=device)
+    Console().print(result["summary"])
+    console.print(f"report written to {out}")
 
 
 def main(argv=None) -> None:
