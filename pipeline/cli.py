@@ -197,6 +197,33 @@ def cache_verify(work: Optional[Path] = WorkOpt):
         raise typer.Exit(1)
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Argument(..., help="Experiment file (TOML or YAML); see pipeline/configs/."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the file's, else cuda when available)."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Run an experiment: dataset -> cache -> blend / mixers -> evaluation report, skipping done work."""
+    from pipeline.experiment import load_experiment, run_experiment
+
+    result = run_experiment(load_experiment(config), work_dir(work), device=device,
+                            log=lambda m: console.print(m, highlight=False))
+    Console().print(result["summary"])
+    console.print(f"report: {result['out']} ({result['seconds']:.0f} s)")
+
+
+@app.command("demo")
+def demo(
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    work: Optional[Path] = WorkOpt,
+):
+    """The whole pipeline offline on the embedded synthetic dataset with the shipped base models."""
+    run_cmd(CONFIGS / "demo.toml", device=device, work=work)
+
+
 def store_dataset_id(spec: str, work: Path) -> str:
     """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'."""
     from cache.store import StemStore

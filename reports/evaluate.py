@@ -86,7 +86,8 @@ def combined_system(store: StemStore, dataset_id: str, name: str, kind: str,
     return System(name, kind, targets, key, render, detail={"choice": choice})
 
 
-def run_system(store: StemStore, dataset_id: str, run_dir: Path, device=None) -> System:
+def run_system(store: StemStore, dataset_id: str, run_dir: Path, device=None,
+               name: str | None = None) -> System:
     from mixer.apply import Mixer, load_config
 
     config = load_config(run_dir)
@@ -108,8 +109,7 @@ def run_system(store: StemStore, dataset_id: str, run_dir: Path, device=None) ->
         stems = {k: store.stems(k, dataset_id, t) for k in keys}
         return mixer()(np.asarray(store.mixture(dataset_id, t)), stems)
 
-    name = config.get("name") or run_dir.name
-    return System(name, "run", tuple(config["inputs"]["targets"]), key, render,
+    return System(name or run_dir.name, "run", tuple(config["inputs"]["targets"]), key, render,
                   detail={"run": str(run_dir), "method": config["method"]})
 
 
@@ -257,7 +257,8 @@ def weight_figures(store: StemStore, dataset_id: str, run_systems: list[System],
     return paths
 
 
-def evaluate(store: StemStore, dataset_id: str, *, models: list[str], runs: list[Path], split: str,
+def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
+             runs: list[Path | tuple[str, Path]], split: str,
              out: Path, cache_root: Path, selection_split: str = "valid", oracles: bool = True,
              average: bool = True, full_metrics: bool = False, device=None, progress=True) -> dict:
     from reports.report import boxplot_figure, summary_markdown, write_scores
@@ -292,7 +293,9 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str], runs: list
             avg = {s: [(b.detail["key"], 1.0 / n) for b in bases if s in b.targets
                        for n in [sum(s in x.targets for x in bases)]] for s in targets}
             systems.append(combined_system(store, dataset_id, "average", "average", avg))
-    run_sys = [run_system(store, dataset_id, Path(r), device=device) for r in runs]
+    run_sys = [run_system(store, dataset_id, Path(r[1]), device=device, name=r[0])
+               if isinstance(r, tuple) else run_system(store, dataset_id, Path(r), device=device)
+               for r in runs]
     seen = {s.name for s in systems}
     for r in run_sys:
         if r.name in seen:
