@@ -1,0 +1,125 @@
+"""The learned mixers of the MDX-Mixer paper (Nakano & Goto, IEICE 2024), as torch modules.
+
+Both map a segment X_k [in, T] (the input channels of mixer.inputs) to Y_k = X_k W_k [out, T]:
+the output is always a linear combination of the inputs; what differs is where W comes from.
+
+* Conv1x1Mixer (section 3.1): one W for every segment of every track (a 1x1 convolution).
+* MDXMixer (section 3.2): W_k predicted from the segment itself by an MLP-Mixer over the folded
+  segment, so the mix can follow the music (e.g. trust another model for vocals in a solo).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+# T: segment length, F: folding factor (samples per row of Z), N: number of Mixer layers.
+PRESETS = {
+    "paper": {"T": 2 ** 18, "F": 2 ** 7, "N": 8},
+    "ablation-17": {"T": 2 ** 17, "F": 2 ** 6, "N": 8},
+    "ablation-16": {"T": 2 ** 16, "F": 2 ** 5, "N": 8},
+    "cpu": {"T": 2 ** 16, "F": 2 ** 5, "N": 2},
+    "tiny": {"T": 2 ** 10, "F": 2 ** 4, "N": 1},
+}
+
+
+def fold(x: torch.Tensor, F: int) -> torch.Tensor:
+    """[B, C, T] -> Z [B, T/F, C*F] with Z[b, t, c*F + f] = x[b, c, t*F + f].
+
+    Each row of Z holds F consecutive samples of every channel: a short-time view in which the
+    token-mixing MLP sees time and the channel-mixing MLP sees channels and fine time together.
+    """
+    B, C, T = x.shape
+    if T % F:
+        raise ValueError(f"segment length {T} is not a multiple of F={F}")
+    return x.reshape(B, C, T // F, F).permute(0, 2, 1, 3).reshape(B, T // F, C * F)
+
+
+def unfold(z: torch.Tensor, C: int) -> torch.Tensor:
+    """The inverse of `fold`: Z [B, T/F, C*F] -> [B, C, T]."""
+    B, R, CF = z.shape
+    F = CF // C
+    return z.reshape(B, R, C, F).permute(0, 2, 1, 3).reshape(B, C, R * F)
+
+
+def apply_mixing(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Y = X W per batch item: x [B, in, T], w [B, in, out] -> [B, out, T].
+
+    Always float32, autocast or not: in bf16 the mix itself would add noise at about -48 dB,
+    audible in a separation that aims above 10 dB. Only the prediction of W runs in low precision.
+    """
+    off = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda")
+           else contextlib.nullcontext())   # e.g. the 'meta' device, used to check shapes
+    with off:
+        return torch.bmm(w.float().transpose(1, 2), x.float())   # (X W)^T = W^T X^T
+
+
+class Conv1x1Mixer(nn.Module):
+    """Y_k = X_k W with one W in R^{in x out}, no bias; negative weights allowed."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.in_ch, self.out_ch = in_ch, out_ch
+        # nn.Linear's default init scale; the seed set by the caller makes it reproducible.
+        bound = 1.0 / in_ch ** 0.5
+        self.weight = nn.Parameter(torch.empty(in_ch, out_ch).uniform_(-bound, bound))
+
+    def mixing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_mixing(x, self.mixing_weights(x))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, p: float):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(p), nn.Linear(hidden, dim))
+
+
+class MixerLayer(nn.Module):
+    """One MLP-Mixer layer (Tolstikhin et al. 2021) on Z [B, rows, cols]."""
+
+    def __init__(self, rows: int, cols: int, p: float):
+        super().__init__()
+        self.norm_tokens = nn.LayerNorm(cols)
+        self.tokens = MLP(rows, rows, p)      # across the T/F rows, hidden D_T = T/F
+        self.norm_channels = nn.LayerNorm(cols)
+        self.channels = MLP(cols, cols, p)    # across the in*F columns, hidden D_C = in*F
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z + self.tokens(self.norm_tokens(z).transpose(1, 2)).transpose(1, 2)
+        return z + self.channels(self.norm_channels(z))
+
+
+class MDXMixer(nn.Module):
+    """W_k = FC(GAP(Mixer^N(fold(X_k)))) in R^{in x out}; Y_k = X_k W_k."""
+
+    def __init__(self, in_ch: int, out_ch: int, T: int = 2 ** 18, F: int = 2 ** 7, N: int = 8,
+                 p: float = 0.0):
+        super().__init__()
+        if T % F:
+            raise ValueError(f"T={T} is not a multiple of F={F}")
+        self.in_ch, self.out_ch, self.T, self.F = in_ch, out_ch, T, F
+        rows, cols = T // F, in_ch * F
+        self.layers = nn.Sequential(*[MixerLayer(rows, cols, p) for _ in range(N)])
+        self.head = nn.Linear(cols, in_ch * out_ch)
+
+    def mixing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.T:
+            raise ValueError(f"MDXMixer takes segments of exactly T={self.T} samples, "
+                             f"got {x.shape[-1]}")
+        z = self.layers(fold(x, self.F))
+        return self.head(z.mean(dim=1)).view(x.shape[0], self.in_ch, self.out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_mixing(x, self.mixing_weights(x))
+
+
+def build_mixer(arch: str, in_ch: int, out_ch: int, T: int, F: int | None, N: int | None,
+                p: float) -> nn.Module:
+    if arch == "conv1x1":
+        return Conv1x1Mixer(in_ch, out_ch)
+    if arch == "mdx-mixer":
+        return MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p)
+    raise ValueError(f"unknown mixer architecture '{arch}' (conv1x1, mdx-mixer)")

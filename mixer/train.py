@@ -1,0 +1,171 @@
+"""Training a learned mixer (conv1x1 or MDX-Mixer) on cached stems: the `train-mixer` stage.
+
+Training examples are segments of T samples taken every `shift` samples from the train split
+(the last one of a track zero-padded), read straight from the stem store's memmaps; the loss is
+L1 between the mixer's output and the references, on normalised waveforms; the optimizer is
+Adam. Validation uses non-overlapping segments of the valid split (overlap would only repeat
+the same audio). The run folder holds everything `mixer.apply` needs: config.json and mixer.pt.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache.store import StemStore, read_json, write_json_atomic
+from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, mixture_stats, normalise)
+from mixer.models import PRESETS, build_mixer
+from pipeline.errors import PipelineError
+from pipeline.training import BEST, TrainResult, load_checkpoint, save_atomic, train
+
+DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
+MIXER = "mixer.pt"
+
+
+def segment_offsets(length: int, segment: int, shift: int) -> list[int]:
+    """Starts of the segments covering a track; the last may run past the end (padded)."""
+    count = 1 if length <= segment else math.ceil((length - segment) / shift) + 1
+    return [i * shift for i in range(count)]
+
+
+class SegmentDataset(Dataset):
+    """(X, Y) = (normalised inputs [in, T], normalised targets [2S, T]) for every segment."""
+
+    def __init__(self, store: StemStore, dataset_id: str, spec: InputSpec, split: str,
+                 segment: int, shift: int):
+        self.store, self.dataset_id, self.spec, self.segment = store, dataset_id, spec, segment
+        self.tracks = store.tracks(dataset_id, split)
+        if not self.tracks:
+            raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to train a mixer on")
+        # Fail now, in the main process, rather than in a DataLoader worker mid-epoch.
+        missing = [(k, t.name) for t in self.tracks for k in spec.model_keys
+                   if not store.has_stems(k, dataset_id, t)]
+        if missing:
+            k, name = missing[0]
+            raise PipelineError(f"{store.stems_dir(k, dataset_id, self.tracks[0]).parents[1]}: "
+                                f"{len(missing)} {split} track(s) without stems (first: model {k}, "
+                                f"track '{name}'); run `pipeline cache` for them first")
+        # One pass over each mixture now, so that reading a segment is a slice and nothing more.
+        self.stats = [mixture_stats(store.mixture(dataset_id, t)) for t in self.tracks]
+        self.index = [(i, off) for i, t in enumerate(self.tracks)
+                      for off in segment_offsets(t.length, segment, shift)]
+        self._arrays = {}
+
+    def __getstate__(self):
+        # Workers open their own memmaps rather than receive pickled copies of the parent's.
+        return {**self.__dict__, "_arrays": {}}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _open(self, i: int):
+        if i not in self._arrays:
+            t = self.tracks[i]
+            self._arrays[i] = (self.store.mixture(self.dataset_id, t),
+                               {k: self.store.stems(k, self.dataset_id, t) for k in self.spec.model_keys},
+                               self.store.references(self.dataset_id, t))
+        return self._arrays[i]
+
+    def __getitem__(self, idx: int):
+        i, start = self.index[idx]
+        mixture, stems, refs = self._open(i)
+        stop = start + self.segment
+        x = normalise(assemble_inputs(self.spec, mixture, stems, start, stop), self.stats[i])
+        y = normalise(assemble_targets(refs, start, stop), self.stats[i])
+        pad = self.segment - x.shape[-1]   # zeros in the normalised domain: silence in, silence out
+        if pad:
+            x, y = np.pad(x, ((0, 0), (0, pad))), np.pad(y, ((0, 0), (0, pad)))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int | None,
+                 N: int | None, p: float, epochs: int, batch: int, lr: float, shift: int,
+                 seed: int, max_segments_per_epoch: int | None, rate: int = 44100) -> dict:
+    """Everything needed to rebuild, retrain or apply the mixer."""
+    return {"method": arch, "dataset": dataset_id, "rate": rate, "inputs": spec.to_dict(),
+            "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
+                       zip(spec.model_keys, spec.model_names, spec.model_sources)],
+            "sources": list(spec.targets), "with_mixture": spec.with_mixture,
+            "in_channels": spec.in_channels, "out_channels": spec.out_channels,
+            "input_names": spec.input_names(), "output_names": spec.output_names(),
+            "hyper": {"T": T, "F": F, "N": N, "p": p},
+            "training": {"epochs": epochs, "batch": batch, "lr": lr, "shift": shift, "seed": seed,
+                         "max_segments_per_epoch": max_segments_per_epoch, "loss": "l1",
+                         "optimizer": "adam", "split": "train", "valid_split": "valid"}}
+
+
+def build_from_config(config: dict) -> torch.nn.Module:
+    h = config["hyper"]
+    return build_mixer(config["method"], config["in_channels"], config["out_channels"],
+                       T=h["T"], F=h["F"], N=h["N"], p=h["p"])
+
+
+def _check_resumable(run_dir: Path, config: dict) -> None:
+    old = read_json(run_dir / "config.json")
+    strip = lambda c: {**c, "training": {k: v for k, v in c["training"].items() if k != "epochs"}}
+    if strip(old) != strip(config):
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise PipelineError(f"{run_dir}: holds a run with a different configuration "
+                            f"({', '.join(changed)} differ); use another run name or --no-resume")
+
+
+def l1_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.l1_loss(outputs, targets)
+
+
+def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: str,
+                run_dir: str | Path, *, with_mixture: bool = True, preset: str = "paper",
+                T: int | None = None, F: int | None = None, N: int | None = None,
+                p: float = 0.0, epochs: int | None = None, batch: int = 4, lr: float = 3e-4,
+                shift: int = 2 ** 15, seed: int = 0, device=None, resume: bool = True,
+                max_segments_per_epoch: int | None = None, num_workers: int = 0,
+                amp: str = "auto", progress: bool = True) -> TrainResult:
+    """Train a conv1x1 or MDX-Mixer on `dataset_id`'s train split; write run_dir/mixer.pt.
+
+    T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
+    Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
+    """
+    if arch not in DEFAULT_EPOCHS:
+        raise PipelineError(f"mixer architecture '{arch}': choose one of {', '.join(DEFAULT_EPOCHS)}")
+    if preset not in PRESETS:
+        raise PipelineError(f"mixer preset '{preset}': choose one of {', '.join(PRESETS)}")
+    T, F, N = (T or PRESETS[preset]["T"], F or PRESETS[preset]["F"], N or PRESETS[preset]["N"])
+    if arch == "conv1x1":
+        F = N = None   # T is only its training segment; record nothing it does not use
+    epochs = DEFAULT_EPOCHS[arch] if epochs is None else epochs
+    if epochs < 1:
+        raise PipelineError(f"train-mixer: epochs must be at least 1, got {epochs}")
+    run_dir = Path(run_dir)
+
+    spec = InputSpec.from_store(store, dataset_id, model_keys, with_mixture=with_mixture)
+    config = mixer_config(spec, dataset_id, arch, T=T, F=F, N=N, p=p, epochs=epochs, batch=batch,
+                          lr=lr, shift=shift, seed=seed,
+                          max_segments_per_epoch=max_segments_per_epoch,
+                          rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))
+    writer = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 writes
+    if resume and (run_dir / "config.json").exists():
+        _check_resumable(run_dir, config)
+    elif writer and (run_dir / MIXER).exists():
+        (run_dir / MIXER).unlink()   # a fresh run: never leave the previous run's result behind
+    if writer:
+        write_json_atomic(run_dir / "config.json", config)
+
+    torch.manual_seed(seed)   # the initial weights
+    model = build_from_config(config)
+    train_set = SegmentDataset(store, dataset_id, spec, "train", T, shift)
+    valid_set = SegmentDataset(store, dataset_id, spec, "valid", T, T)
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
+    max_batches = (math.ceil(max_segments_per_epoch / (batch * world))
+                   if max_segments_per_epoch else None)
+    result = train(model, l1_loss, train_set, valid_set,
+                   lambda params: torch.optim.Adam(params, lr=lr),
+                   epochs=epochs, batch_size=batch, seed=seed, run_dir=run_dir, device=device,
+                   num_workers=num_workers, amp=amp, max_batches_per_epoch=max_batches,
+                   resume=resume, progress=progress)
+    if writer:
+        save_atomic(load_checkpoint(run_dir / BEST)["model"], run_dir / MIXER)
+    return result
