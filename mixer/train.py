@@ -29,7 +29,8 @@ MIXER = "mixer.pt"
 def segment_offsets(length: int, segment: int, shift: int) -> list[int]:
     """Starts of the segments covering a track; the last may run past the end (padded)."""
     count = 1 if length <= segment else math.ceil((length - segment) / shift) + 1
-    return [i * shift for i in range(count)]
+    # With shift > segment the count overshoots; a segment must start inside the track.
+    return [i * shift for i in range(count) if i * shift < length]
 
 
 class SegmentDataset(Dataset):

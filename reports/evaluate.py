@@ -134,7 +134,7 @@ def ideal_ratio_mask(mixture: np.ndarray, references: np.ndarray, n_fft=4096, ho
     import torch
 
     win = torch.hann_window(n_fft)
-    spec = lambda x: torch.stft(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), n_fft,
+    spec = lambda x: torch.stft(torch.tensor(np.asarray(x, dtype=np.float32)), n_fft,
                                 hop, window=win, return_complex=True)
     ref = spec(references.reshape(-1, references.shape[-1])).abs() ** power
     ref = ref.reshape(references.shape[0], references.shape[1], *ref.shape[-2:])
@@ -289,9 +289,10 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
             notes.append(f"best per source: skipped (base models lack stems for the "
                          f"{selection_split} split)")
         if average:
-            targets = info["sources"]
-            avg = {s: [(b.detail["key"], 1.0 / n) for b in bases if s in b.targets
-                       for n in [sum(s in x.targets for x in bases)]] for s in targets}
+            avg = {}
+            for s in info["sources"]:
+                having = [b.detail["key"] for b in bases if s in b.targets]
+                avg[s] = [(k, 1.0 / len(having)) for k in having]
             systems.append(combined_system(store, dataset_id, "average", "average", avg))
     run_sys = [run_system(store, dataset_id, Path(r[1]), device=device, name=r[0])
                if isinstance(r, tuple) else run_system(store, dataset_id, Path(r), device=device)

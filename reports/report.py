@@ -122,11 +122,12 @@ def boxplot_figure(df: pd.DataFrame, targets: list[str], path: Path) -> Path:
                              sharey=True, squeeze=False)
     for ax, target in zip(axes[0], targets):
         data = [med[(med.system == s) & (med.target == target)]["value"].dropna().to_numpy() for s in systems]
-        ax.boxplot([d if len(d) else [np.nan] for d in data], vert=False, showfliers=True)
+        ax.boxplot([d if len(d) else [np.nan] for d in data], orientation="horizontal", showfliers=True)
         ax.set_title(target)
         ax.set_xlabel("SDR per track (dB)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(1, len(systems) + 1), systems)
+    axes[0][0].invert_yaxis()  # systems read top-down in the order of the summary table
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
