@@ -224,6 +224,25 @@ def demo(
     run_cmd(CONFIGS / "demo.toml", device=device, work=work)
 
 
+@app.command("separate")
+def separate_cmd(
+    files: List[Path] = typer.Argument(..., help="Audio files to separate (wav, flac, ...; mono or stereo, any rate)."),
+    ensemble: str = typer.Option(..., "--ensemble", "-e", help="Run folder (blend, conv1x1, mdx-mixer) or a run name under <work>/runs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<file stem>/<target>.<format>."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    offline: bool = typer.Option(False, "--offline", help="Never download; fail fast on missing weights."),
+    fmt: str = typer.Option("wav", "--format", help="wav (32-bit float) or flac (24-bit)."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Separate new songs with a trained ensemble; base models run through the stem cache."""
+    from pipeline.separate import separate_files
+
+    separate_files(files, ensemble, out, work=work_dir(work), force=force,
+                   device=device or default_device(), offline=offline, fmt=fmt,
+                   log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+
+
 def store_dataset_id(spec: str, work: Path) -> str:
     """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'."""
     from cache.store import StemStore
