@@ -109,7 +109,9 @@ def cache(
                                           niter=niter).items() if v is not None}
         for spec in model:
             sep = load_separator(spec, device=dev, offline=offline, repo=repo, options=options)
-            load = {"spec": spec, "repo": str(repo) if repo else None, "options": options}
+            # An existing path is kept absolute so `separate` can re-load it from any folder.
+            spec_ = str(Path(spec).resolve()) if Path(spec).exists() else spec
+            load = {"spec": spec_, "repo": str(repo.resolve()) if repo else None, "options": options}
             s = cache_model(store, ds, sep, shard=shard_, force=force, splits=split or None, load=load)
             console.print(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, "
                           f"{s['skipped']} already cached, {s['seconds']:.1f} s "

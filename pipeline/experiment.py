@@ -103,8 +103,9 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
         options = {k: m[k] for k in MODEL_OPTIONS if k in m}
         sep = load_separator(m["spec"], device=device, offline=config.get("offline", True),
                              repo=m.get("repo"), options=options)
+        spec = str(Path(m["spec"]).resolve()) if Path(m["spec"]).exists() else m["spec"]
         s = cache_model(store, dataset, sep, splits=splits, progress=progress,
-                        load={"spec": m["spec"], "repo": m.get("repo"), "options": options})
+                        load={"spec": spec, "repo": m.get("repo"), "options": options})
         keys[m["spec"]] = keys[m.get("name", sep.name)] = s["key"]
         log(f"[cache] {sep.name}: {s['computed']} tracks separated, {s['skipped']} cached "
             f"({s['seconds']:.1f} s)")
