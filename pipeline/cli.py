@@ -267,6 +267,44 @@ ModelsOpt = typer.Option(..., "--model", "-m", help="Cached base model (name or 
 DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store id, folder, or 'synthetic').")
 
 
+@app.command("train-base")
+def train_base_cmd(
+    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX) or demucs (HDemucs / HTDemucs)."),
+    dataset: str = DatasetOpt,
+    name: Optional[str] = typer.Option(None, help="Run name (default <family>-<preset>): <work>/runs/NAME."),
+    preset: str = typer.Option("small", help="tiny (tests), small (~15 min on 2 CPU cores), paper (GPU)."),
+    arch: Optional[str] = typer.Option(None, help="Demucs: hdemucs or htdemucs."),
+    xumx_loss: Optional[str] = typer.Option(None, help="X-UMX: magnitude (paper) or complex (Danna-Sep)."),
+    target: List[str] = typer.Option([], "--target", help="Only these sources (default all)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (override the preset; raise it to train a finished run longer)."),
+    batch: Optional[int] = typer.Option(None, help="Batch size (override the preset)."),
+    segment: Optional[float] = typer.Option(None, help="Training crop, seconds (override the preset)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (override the preset)."),
+    seed: int = typer.Option(0, help="Random seed (weights, data order, augmentation)."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    amp: str = typer.Option("off", help="Mixed precision on GPU: off, auto, bf16, fp16."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Train a base separator of one family on a cached dataset; the model lands in RUN/model/."""
+    from cache.store import StemStore
+    from cache.train_base import train_base
+
+    w = work_dir(work)
+    run = _run_dir(w, name or f"{family}-{preset}", out)
+    if fresh and run.exists() and (run / "config.json").exists():
+        raise PipelineError(f"{run}: run folder exists; remove it or choose another --name to start over")
+    result = train_base(StemStore(store_dir(w)), store_dataset_id(dataset, w), family, preset, run,
+                        targets=target or None, seed=seed, epochs=epochs, batch_size=batch,
+                        segment=segment, lr=lr, arch=arch, xumx_loss=xumx_loss,
+                        device=device or default_device(), resume=not fresh, amp=amp,
+                        num_workers=workers, command="pipeline " + " ".join(sys.argv[1:]))
+    console.print(f"model written to {result.model_dir} (best epoch {result.best_epoch}, "
+                  f"valid loss {result.best_valid:.4g}); use it with `pipeline cache -m {result.model_dir}`")
+
+
 @app.command("blend")
 def blend(
     model: List[str] = ModelsOpt,

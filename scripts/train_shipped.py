@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Train the three shipped base checkpoints on the embedded synthetic dataset.
+
+    .venv/bin/python scripts/train_shipped.py                # all three, ~15 min each on 2 cores
+    .venv/bin/python scripts/train_shipped.py --only umx     # one of them
+
+Steps, each resumable (run the same command again after an interruption):
+
+1. generate the synthetic dataset with `pipeline make-dataset`'s defaults (seed 0, 28/6/6 tracks
+   of 20 s at 44.1 kHz) in <work>/data/synthetic, and ingest it into the stem store <work>/store;
+2. for each family, `cache.train_base.train_base(store, <dataset id>, family, "small", seed=0)`
+   into <work>/runs/base/<name> (Open-Unmix, X-UMX, Hybrid Demucs);
+3. separate the test split with the exported model and write its SDR into MODEL.md;
+4. copy <work>/runs/base/<name>/model to cache/checkpoints/<name>/ (the registry's shipped
+   checkpoints: `pipeline cache -m <name>` then loads it).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> (family, extra train_base arguments)
+SHIPPED = {
+    "umx-synth": ("umx", {}),
+    "xumx-synth": ("xumx", {}),
+    "demucs-synth": ("demucs", {"arch": "hdemucs"}),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=REPO / "work", help="work folder (default ./work)")
+    p.add_argument("--only", default=",".join(SHIPPED),
+                   help=f"comma-separated subset of {', '.join(SHIPPED)} (or families umx,xumx,demucs)")
+    p.add_argument("--preset", default="small", help="train_base preset (default small)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "cache" / "checkpoints",
+                   help="where the finished models are installed (default cache/checkpoints)")
+    p.add_argument("--no-install", action="store_true", help="train and evaluate only")
+    g = p.add_argument_group("synthetic dataset (pipeline make-dataset's defaults)")
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--train", type=int, default=28)
+    g.add_argument("--valid", type=int, default=6)
+    g.add_argument("--test", type=int, default=6)
+    g.add_argument("--duration", type=float, default=20.0)
+    g.add_argument("--rate", type=int, default=44100)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from cache.run import ingest_dataset
+    from cache.store import StemStore
+    from cache.train_base import evaluate_trained, train_base
+    from pipeline.datasets import open_dataset
+    from pipeline.synth import generate_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    names = [n for n in SHIPPED if n in wanted or SHIPPED[n][0] in wanted]
+    if not names:
+        p.error(f"--only {args.only}: nothing to train (choose from {', '.join(SHIPPED)})")
+
+    work = args.work.resolve()
+    data = work / "data" / "synthetic"
+    generate_dataset(data, seed=args.data_seed, n_train=args.train, n_valid=args.valid,
+                     n_test=args.test, duration=args.duration, sample_rate=args.rate)
+    ds = open_dataset(data)
+    store = StemStore(work / "store")
+    ingest_dataset(store, ds)
+    script = shlex.join([".venv/bin/python", "scripts/train_shipped.py"]
+                        + list(argv if argv is not None else sys.argv[1:]))
+
+    for name in names:
+        family, extra = SHIPPED[name]
+        run_dir = work / "runs" / "base" / name
+        call = (f"train_base(store, {ds.id!r}, {family!r}, {args.preset!r}, {str(run_dir)!r}, "
+                f"seed={args.seed}" + "".join(f", {k}={v!r}" for k, v in extra.items())
+                + (f", epochs={args.epochs}" if args.epochs else "") + ")")
+        print(f"== {name}: {call}", flush=True)
+        t0 = time.time()
+        res = train_base(store, ds.id, family, args.preset, run_dir, seed=args.seed,
+                         epochs=args.epochs, device=args.device, command=f"{script}\n# = {call}",
+                         **extra)
+        print(f"   trained in {time.time() - t0:.0f} s (best epoch {res.best_epoch}, "
+              f"validation loss {res.best_valid:.4g})", flush=True)
+        scores = evaluate_trained(store, ds.id, res.model_dir, split="test", device=args.device)
+        print("   test SDR: " + ", ".join(f"{s} {v:.2f} dB" for s, v in scores.items()), flush=True)
+        if not args.no_install:
+            dest = args.checkpoints / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(res.model_dir, dest)
+            print(f"   installed {dest}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
