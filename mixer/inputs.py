@@ -81,6 +81,18 @@ class InputSpec:
         return [f"{s}.{c}" for s in self.targets for c in CHANNELS]
 
 
+def average_mixing(spec: InputSpec) -> np.ndarray:
+    """[in, out]: each output channel the uniform average of the models' estimates of it."""
+    names_in, names_out = spec.input_names(), spec.output_names()
+    W = np.zeros((len(names_in), len(names_out)), dtype=np.float32)
+    for target in spec.targets:
+        having = [m for m, sources in zip(spec.model_names, spec.model_sources) if target in sources]
+        for model in having:
+            for c in CHANNELS:
+                W[names_in.index(f"{model}.{target}.{c}"), names_out.index(f"{target}.{c}")] = 1 / len(having)
+    return W
+
+
 # ---- normalisation ---------------------------------------------------------------------------
 def mixture_stats(mixture: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float]:
     """Mean and std of a [2, n] mixture over all its samples.

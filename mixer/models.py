@@ -116,10 +116,28 @@ class MDXMixer(nn.Module):
         return apply_mixing(x, self.mixing_weights(x))
 
 
+INITS = ("average", "random")
+
+
 def build_mixer(arch: str, in_ch: int, out_ch: int, T: int, F: int | None, N: int | None,
-                p: float) -> nn.Module:
+                p: float, start: torch.Tensor | None = None) -> nn.Module:
+    """`start` [in, out]: the mixing the untrained model applies (None: PyTorch's random init).
+
+    Starting from the uniform average of the base models (mixer.inputs.average_mixing) means a
+    short CPU training refines a sensible ensemble instead of first having to find one; the
+    MDX-Mixer's head then starts with zero weights and `start` as its bias.
+    """
     if arch == "conv1x1":
-        return Conv1x1Mixer(in_ch, out_ch)
+        model = Conv1x1Mixer(in_ch, out_ch)
+        if start is not None:
+            with torch.no_grad():
+                model.weight.copy_(start)
+        return model
     if arch == "mdx-mixer":
-        return MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p)
+        model = MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p)
+        if start is not None:
+            with torch.no_grad():
+                model.head.weight.zero_()
+                model.head.bias.copy_(start.reshape(-1))
+        return model
     raise ValueError(f"unknown mixer architecture '{arch}' (conv1x1, mdx-mixer)")

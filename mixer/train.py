@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from cache.store import StemStore, read_json, write_json_atomic
-from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, mixture_stats, normalise)
-from mixer.models import PRESETS, build_mixer
+from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, average_mixing,
+                          mixture_stats, normalise)
+from mixer.models import INITS, PRESETS, build_mixer
 from pipeline.errors import PipelineError
 from pipeline.training import BEST, TrainResult, load_checkpoint, save_atomic, train
 
@@ -85,7 +86,8 @@ class SegmentDataset(Dataset):
 
 def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int | None,
                  N: int | None, p: float, epochs: int, batch: int, lr: float, shift: int,
-                 seed: int, max_segments_per_epoch: int | None, rate: int = 44100) -> dict:
+                 seed: int, max_segments_per_epoch: int | None, rate: int = 44100,
+                 init: str = "average") -> dict:
     """Everything needed to rebuild, retrain or apply the mixer."""
     return {"method": arch, "dataset": dataset_id, "rate": rate, "inputs": spec.to_dict(),
             "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
@@ -93,7 +95,7 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
             "sources": list(spec.targets), "with_mixture": spec.with_mixture,
             "in_channels": spec.in_channels, "out_channels": spec.out_channels,
             "input_names": spec.input_names(), "output_names": spec.output_names(),
-            "hyper": {"T": T, "F": F, "N": N, "p": p},
+            "hyper": {"T": T, "F": F, "N": N, "p": p, "init": init},
             "training": {"epochs": epochs, "batch": batch, "lr": lr, "shift": shift, "seed": seed,
                          "max_segments_per_epoch": max_segments_per_epoch, "loss": "l1",
                          "optimizer": "adam", "split": "train", "valid_split": "valid"}}
@@ -101,8 +103,11 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
 
 def build_from_config(config: dict) -> torch.nn.Module:
     h = config["hyper"]
+    start = None
+    if h.get("init", "random") == "average":
+        start = torch.from_numpy(average_mixing(InputSpec.from_dict(config["inputs"])))
     return build_mixer(config["method"], config["in_channels"], config["out_channels"],
-                       T=h["T"], F=h["F"], N=h["N"], p=h["p"])
+                       T=h["T"], F=h["F"], N=h["N"], p=h["p"], start=start)
 
 
 def _check_resumable(run_dir: Path, config: dict) -> None:
@@ -124,8 +129,11 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                 p: float = 0.0, epochs: int | None = None, batch: int = 4, lr: float = 3e-4,
                 shift: int = 2 ** 15, seed: int = 0, device=None, resume: bool = True,
                 max_segments_per_epoch: int | None = None, num_workers: int = 0,
-                amp: str = "auto", progress: bool = True) -> TrainResult:
+                amp: str = "auto", progress: bool = True, init: str = "average") -> TrainResult:
     """Train a conv1x1 or MDX-Mixer on `dataset_id`'s train split; write run_dir/mixer.pt.
+
+    init: 'average' starts from the uniform average of the models' estimates (see
+    mixer.models.build_mixer), 'random' from PyTorch's default initialisation.
 
     T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
     Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
@@ -143,7 +151,10 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     run_dir = Path(run_dir)
 
     spec = InputSpec.from_store(store, dataset_id, model_keys, with_mixture=with_mixture)
+    if init not in INITS:
+        raise PipelineError(f"mixer init '{init}': choose one of {', '.join(INITS)}")
     config = mixer_config(spec, dataset_id, arch, T=T, F=F, N=N, p=p, epochs=epochs, batch=batch,
+                          init=init,
                           lr=lr, shift=shift, seed=seed,
                           max_segments_per_epoch=max_segments_per_epoch,
                           rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))

@@ -350,6 +350,7 @@ def train_mixer_cmd(
     max_segments: Optional[int] = typer.Option(None, help="Cap on training segments per epoch."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     seed: int = typer.Option(0, help="Random seed."),
+    init: str = typer.Option("average", help="average: start from the models' uniform average; random: PyTorch's init (the paper's)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
@@ -364,7 +365,8 @@ def train_mixer_cmd(
     result = train_mixer(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, arch, run,
                          with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
                          batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
-                         resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers)
+                         resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
+                         init=init)
     console.print(f"mixer run written to {run} ({result})")
 
 

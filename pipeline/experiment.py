@@ -129,7 +129,7 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
                 log(f"[blend] {system['name']}: searched in {time.perf_counter() - t0:.1f} s")
         else:
             hyper = {k: system[k] for k in ("preset", "T", "F", "N", "p", "epochs", "batch", "lr",
-                                            "shift", "seed", "max_segments_per_epoch", "num_workers")
+                                            "shift", "seed", "max_segments_per_epoch", "num_workers", "init")
                      if k in system}
             train_mixer(store, dataset.id, chosen, system["method"], run_dir,
                         with_mixture=system.get("with_mixture", True), device=device,

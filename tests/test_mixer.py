@@ -339,3 +339,26 @@ def test_mixture_stats_match_numpy():
     mean, std = mixture_stats(x, chunk=777)
     assert mean == pytest.approx(x.astype(np.float64).mean(), abs=1e-12)
     assert std == pytest.approx(x.astype(np.float64).std() + 1e-8, rel=1e-9)   # + division guard
+
+
+def test_average_init_starts_from_the_uniform_average():
+    """Untrained mixers with init='average' apply exactly the uniform average of the models."""
+    from mixer.inputs import InputSpec, average_mixing
+    from mixer.models import build_mixer
+
+    spec = InputSpec(model_keys=("a", "b"), model_names=("a", "b"),
+                     model_sources=(("drums", "bass", "other", "vocals"), ("vocals",)),
+                     targets=("drums", "bass", "other", "vocals"), with_mixture=True)
+    A = torch.from_numpy(average_mixing(spec))
+    assert A.shape == (spec.in_channels, spec.out_channels)
+    names_in, names_out = spec.input_names(), spec.output_names()
+    assert A[names_in.index("a.vocals.L"), names_out.index("vocals.L")] == 0.5
+    assert A[names_in.index("b.vocals.R"), names_out.index("vocals.R")] == 0.5
+    assert A[names_in.index("a.drums.L"), names_out.index("drums.L")] == 1.0
+    assert A[names_in.index("mixture.L")].abs().sum() == 0 and A.sum() == spec.out_channels
+    x = torch.randn(3, spec.in_channels, 256)
+    for arch in ("conv1x1", "mdx-mixer"):
+        torch.manual_seed(0)
+        model = build_mixer(arch, spec.in_channels, spec.out_channels, T=256, F=16, N=1, p=0.0, start=A)
+        torch.testing.assert_close(model.mixing_weights(x), A.expand(3, -1, -1))
+        torch.testing.assert_close(model(x), torch.einsum("io,bit->bot", A, x))

@@ -1,0 +1,107 @@
+"""`pipeline run`: an experiment file drives every stage; a second run reuses everything."""
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from pipeline.experiment import load_experiment
+from pipeline.errors import PipelineError
+
+CONFIGS = REPO / "pipeline" / "configs"
+SHIPPED = ("umx-synth", "xumx-synth", "demucs-synth")
+
+TINY = """
+name = "tiny"
+offline = true
+device = "cpu"
+
+[dataset]
+path = "synthetic"
+[dataset.generate]
+seed = 1
+train = 2
+valid = 1
+test = 1
+duration = 4.0
+
+[[models]]
+spec = "umx-synth"
+[[models]]
+spec = "xumx-synth"
+[[models]]
+spec = "demucs-synth"
+
+[[systems]]
+name = "blend"
+method = "blend"
+step = 0.1
+
+[[systems]]
+name = "conv1x1"
+method = "conv1x1"
+preset = "tiny"
+epochs = 2
+shift = 16384
+
+[[systems]]
+name = "mdx"
+method = "mdx-mixer"
+preset = "tiny"
+epochs = 1
+shift = 16384
+models = ["umx-synth", "demucs-synth"]
+with_mixture = false
+
+[evaluate]
+split = "test"
+"""
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted(CONFIGS.glob("*.toml")):
+        config = load_experiment(path)
+        assert config["models"] and config.get("systems")
+    demo = load_experiment(CONFIGS / "demo.toml")
+    assert [m["spec"] for m in demo["models"]] == list(SHIPPED)
+    assert {s["method"] for s in demo["systems"]} == {"blend", "conv1x1", "mdx-mixer"}
+
+
+def test_bad_experiment_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[dataset]\npath = "synthetic"\n')
+    with pytest.raises(PipelineError, match="missing 'models'"):
+        load_experiment(bad)
+    bad.write_text(TINY.replace('method = "blend"', 'method = "magic"'))
+    with pytest.raises(PipelineError, match="method 'magic'"):
+        load_experiment(bad)
+    bad.write_text("name = [")
+    with pytest.raises(PipelineError, match="not a valid experiment file"):
+        load_experiment(bad)
+
+
+@pytest.mark.skipif(not all((REPO / "cache" / "checkpoints" / n).is_dir() for n in SHIPPED),
+                    reason="shipped checkpoints not present")
+def test_run_end_to_end_then_reuse(tmp_path, capsys):
+    config, work = tmp_path / "tiny.toml", tmp_path / "work"
+    config.write_text(TINY)
+    code, out, err = run_cli(["run", config, "--work", work], capsys)
+    assert code == 0, err
+    report = work / "reports" / "tiny"
+    summary = (report / "summary.md").read_text()
+    for system in ("umx-synth", "xumx-synth", "demucs-synth", "best per source", "average", "blend",
+                   "conv1x1", "mdx", "oracle: IRM"):
+        assert f"| {system} |" in summary, system
+    assert "Best system:" in summary and "Best system:" in out
+    for png in ("sdr_boxplot.png", "weights-blend.png", "weights-conv1x1.png", "weights-mdx.png"):
+        assert (report / png).exists(), png
+    mixer = work / "runs" / "tiny-conv1x1" / "mixer.pt"
+    stamp = {p: p.stat().st_mtime_ns for p in (work / "store").rglob("*.npy")}
+    stamp[mixer] = mixer.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    code, out2, err = run_cli(["run", config, "--work", work], capsys)
+    assert code == 0, err
+    assert "0 tracks separated" in err
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # nothing recomputed
+    assert (report / "summary.md").read_text() == summary
+    assert time.perf_counter() - t0 < 60
