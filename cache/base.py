@@ -35,8 +35,13 @@ class Separator(abc.ABC):
         Hashed into the stem store's model key, so a change of weights or of any inference
         option gives a new key and stale stems are never reused.
         """
+        from cache.inference import BLOCK_SECONDS, OVERLAP_SECONDS
+
+        # Tracks longer than a block are separated blockwise (cache.inference), which changes
+        # their stems slightly: the block settings are part of what the stems depend on.
         return {"family": self.family, "name": self.name, "weights": self.weights_checksum(),
-                "options": self.options()}
+                "options": self.options(),
+                "blocks": {"seconds": BLOCK_SECONDS, "overlap": OVERLAP_SECONDS}}
 
     def options(self) -> dict:
         return {}

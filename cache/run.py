@@ -6,13 +6,13 @@ several processes fill one store without writing the same entry.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from cache.base import Separator, model_key
@@ -39,6 +39,11 @@ def entry_of(track: Track) -> TrackEntry:
 
 
 def package_versions() -> dict:
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict:   # importlib.metadata costs ~10 ms a call: once per process
     out = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "demucs", "openunmix", "asteroid", "julius"):
         try:
@@ -74,6 +79,34 @@ def _reuse_known_lengths(store: StemStore, dataset: Dataset) -> None:
             t.set_header(info["sample_rate"], known[(t.subset, t.name)])
 
 
+# Stem folders (MUSDB18-HQ, generic, synthetic) are read a piece at a time by seeking in each
+# file; other readers (MUSDB18 .stem.mp4, `pipeline separate`'s input files) decode the whole file
+# on every call, so they are read once.
+SEEKABLE_KINDS = ("stems", "musdb18hq")
+INGEST_CHUNK_SECONDS = 30.0
+
+
+def _ingest_track(store: StemStore, dataset: Dataset, t: Track) -> None:
+    """Write the track's [1 + S, 2, n] float32 array chunk by chunk: memory is one chunk."""
+    n_src, entry = len(dataset.sources), entry_of(t)
+    size = (max(1, int(INGEST_CHUNK_SECONDS * t.sample_rate)) if dataset.kind in SEEKABLE_KINDS
+            else max(1, t.length))
+    with store.open_track_writer(dataset.id, entry, n_src) as w:
+        done = 0
+        for start, mixture, stems in t.chunks(size):
+            m = mixture.shape[-1]
+            if start != done or mixture.shape != (2, m) or stems.shape != (n_src, 2, m) or m == 0:
+                raise PipelineError(f"{t.name}: read mixture {mixture.shape} / stems {stems.shape} at "
+                                    f"sample {start}, expected [2, m] / [{n_src}, 2, m] at {done}")
+            w[0, :, start:start + m] = mixture
+            w[1:, :, start:start + m] = stems
+            done = start + m
+        if done != t.length:
+            raise PipelineError(f"{t.name}: read {done} samples, the track has {t.length}")
+        w.commit({"dataset": dataset.id, "sources": list(dataset.sources),
+                  "sample_rate": t.sample_rate})
+
+
 def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False,
                    progress=True) -> int:
     """Store every track's mixture and references; returns the number of tracks written."""
@@ -88,10 +121,7 @@ def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False
     todo = [t for t in mine if force or not store.has_track(dataset.id, entry_of(t))]
     with _progress(todo, f"store {dataset.id}", progress) as bar:
         for t in todo:
-            mixture, stems = t.audio()
-            store.write_track(dataset.id, entry_of(t), mixture, stems,
-                              {"dataset": dataset.id, "sources": list(dataset.sources),
-                               "sample_rate": t.sample_rate})
+            _ingest_track(store, dataset, t)
             bar.set_postfix_str(t.name[:30])
             bar.update(round(t.duration, 1))
     return len(todo)
@@ -118,17 +148,23 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
     with _progress(todo, separator.name, progress) as bar:
         for t in todo:
             entry = entry_of(t)
-            mixture = np.asarray(store.mixture(dataset.id, entry))
-            t0 = time.perf_counter()
-            stems = separate_array(separator, mixture, t.sample_rate)
-            seconds = time.perf_counter() - t0
-            if stems.shape != (len(separator.sources), 2, t.length):
-                raise PipelineError(f"{separator.name}: returned stems of shape {stems.shape} for "
-                                    f"'{t.name}', expected {(len(separator.sources), 2, t.length)}")
-            store.write_stems(key, dataset.id, entry, stems,
-                              {"model": separator.name, "key": key, "identity": identity,
-                               "sources": list(separator.sources), "sample_rate": t.sample_rate,
-                               "seconds": round(seconds, 3), "versions": package_versions()})
+            # read and written a block at a time (positional I/O, no memory maps): memory is the
+            # model's on one block, whatever the track's length
+            mixture = store.mixture_file(dataset.id, entry)
+            shape = (len(separator.sources), 2, t.length)
+            try:
+                if mixture.shape != shape[1:]:
+                    raise PipelineError(f"{store.track_dir(dataset.id, entry)}: stored mixture "
+                                        f"{mixture.shape}, expected {shape[1:]}")
+                with store.open_stems_writer(key, dataset.id, entry, shape) as w:
+                    t0 = time.perf_counter()
+                    separate_array(separator, mixture, t.sample_rate, out=w)
+                    seconds = time.perf_counter() - t0
+                    w.commit({"model": separator.name, "key": key, "identity": identity,
+                              "sources": list(separator.sources), "sample_rate": t.sample_rate,
+                              "seconds": round(seconds, 3), "versions": package_versions()})
+            finally:
+                mixture.close()
             done += 1
             bar.set_postfix_str(t.name[:30])
             bar.update(round(t.duration, 1))

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from conftest import REPO, run_cli, write_stem_track
 from store_helpers import GainSeparator
-from cache.run import cache_model, ingest_dataset, parse_shard
+from cache.run import cache_model, entry_of, ingest_dataset, parse_shard
 from cache.store import StemStore
 from pipeline.datasets import open_dataset
 from pipeline.errors import PipelineError
@@ -181,3 +181,136 @@ def test_ls_lists_models(tmp_path, ds_root, capsys):
     cache_model(store, ds, GainSeparator(), progress=False)
     code, out, _ = run_cli(["cache", "ls", "--work", work], capsys)
     assert code == 0 and "gains" in out and ds.id in out
+
+
+# ---- streaming writers: long tracks a piece at a time ----------------------------------------
+def test_npy_file_ranges_read_and_write_like_numpy(tmp_path):
+    from cache.store import NpyFile
+
+    ref = np.random.default_rng(0).standard_normal((5, 2, 1000)).astype(np.float32)
+    np.save(tmp_path / "a.npy", ref)
+    with NpyFile(tmp_path / "a.npy") as f:
+        assert f.shape == (5, 2, 1000) and f.dtype == np.float32
+        for key in [(Ellipsis, slice(10, 500)), 0, (slice(1, None), slice(None), slice(3, 7)), (3, 1),
+                    (Ellipsis,), (slice(None), slice(None), slice(990, 2000)), (Ellipsis, slice(5, 5))]:
+            np.testing.assert_array_equal(f[key], ref[key])
+        with pytest.raises(IndexError):
+            f[..., 3]
+    with NpyFile(tmp_path / "a.npy", select=0) as mix:   # what cache_model reads
+        assert mix.shape == (2, 1000)
+        np.testing.assert_array_equal(mix[:, 100:200], ref[0, :, 100:200])
+    f = NpyFile.create(tmp_path / "b.npy", (4, 2, 1000), np.float16)
+    f[..., :600] = ref[:4, :, :600]
+    f[:, :, 600:] = ref[:4, :, 600:]
+    f.close()
+    # the very bytes np.save writes
+    np.save(tmp_path / "c.npy", ref[:4].astype(np.float16))
+    assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "c.npy").read_bytes()
+
+
+def _entry(store, ds_root):
+    ds = open_dataset(ds_root)
+    ingest_dataset(store, ds, progress=False)
+    return ds, store.tracks(ds.id)[0]
+
+
+def test_stems_writer_commits_atomically(tmp_path, ds_root):
+    store = StemStore(tmp_path / "store")
+    ds, t = _entry(store, ds_root)
+    d = store.stems_dir("m-1", ds.id, t)
+    x = np.random.default_rng(1).standard_normal((4, 2, t.length)).astype(np.float32)
+    # never committed: an exception, or leaving the block: no manifest, no array, no temp file
+    with pytest.raises(RuntimeError):
+        with store.open_stems_writer("m-1", ds.id, t, x.shape) as w:
+            w[..., :100] = x[..., :100]
+            raise RuntimeError("model crashed")
+    with store.open_stems_writer("m-1", ds.id, t, x.shape) as w:
+        w[..., :100] = x[..., :100]
+    assert not store.has_stems("m-1", ds.id, t) and list(d.iterdir()) == []
+    # committed: complete, verified, as write_stems writes it
+    with store.open_stems_writer("m-1", ds.id, t, x.shape) as w:
+        for a in range(0, t.length, 1000):
+            w[:, :, a:a + 1000] = x[:, :, a:a + 1000]
+        w.commit({"model": "m"})
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "stems.npy"]
+    assert store.verify_entry(d) is None
+    np.testing.assert_array_equal(store.stems("m-1", ds.id, t), x.astype(np.float16))
+    manifest = json.loads((d / "manifest.json").read_text())
+    store.write_stems("m-2", ds.id, t, x, {"model": "m"})
+    other = json.loads((store.stems_dir("m-2", ds.id, t) / "manifest.json").read_text())
+    assert set(manifest) == set(other) and manifest["sha256"] == other["sha256"]
+    assert manifest["shape"] == [4, 2, t.length] and manifest["dtype"] == "float16"
+    # replacing a complete entry (force)
+    with store.open_stems_writer("m-1", ds.id, t, x.shape) as w:
+        w[...] = 2 * x
+        w.commit({"model": "m"})
+    assert store.verify_entry(d) is None
+    np.testing.assert_array_equal(store.stems("m-1", ds.id, t), (2 * x).astype(np.float16))
+
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = [{repo!r}]
+    import numpy as np
+    from cache.store import StemStore, TrackEntry
+    store = StemStore({store!r})
+    t = TrackEntry("song", "train", "train", 100000)
+    w = store.open_stems_writer("m-1", "ds", t, (4, 2, 100000))
+    w[..., :50000] = np.ones((4, 2, 50000), np.float32)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_stems_writer_killed_midway_leaves_no_entry(tmp_path):
+    from cache.store import TrackEntry
+
+    store = StemStore(tmp_path / "store")
+    proc = subprocess.run([sys.executable, "-c", KILLED.format(repo=str(REPO), store=str(store.root))])
+    assert proc.returncode == -signal.SIGKILL
+    t = TrackEntry("song", "train", "train", 100000)
+    d = store.stems_dir("m-1", "ds", t)
+    assert not store.has_stems("m-1", "ds", t) and list(store.entries()) == []
+    assert [p.name for p in d.iterdir()] != [] and not (d / "stems.npy").exists()  # a stray temp file
+    with store.open_stems_writer("m-1", "ds", t, (4, 2, 100000)) as w:   # redone
+        w[...] = np.zeros((4, 2, 100000), np.float32)
+        w.commit({})
+    assert [store.verify_entry(e) for e in store.entries()] == [None]
+
+
+def test_ingest_in_chunks_equals_whole_tracks(tmp_path, ds_root, monkeypatch):
+    import cache.run
+
+    ds = open_dataset(ds_root)
+    whole, chunked = StemStore(tmp_path / "whole"), StemStore(tmp_path / "chunked")
+    monkeypatch.setattr(cache.run, "INGEST_CHUNK_SECONDS", 1000.0)
+    ingest_dataset(whole, ds, progress=False)
+    monkeypatch.setattr(cache.run, "INGEST_CHUNK_SECONDS", 0.07)   # 560 samples: 15 chunks, ragged
+    ingest_dataset(chunked, ds, progress=False)
+    assert _store_files(whole) == _store_files(chunked)
+    for t in ds.tracks:
+        mix, stems = t.audio()
+        np.testing.assert_array_equal(chunked.mixture(ds.id, entry_of(t)), mix)
+        np.testing.assert_array_equal(chunked.references(ds.id, entry_of(t)), stems)
+    assert all(chunked.verify_entry(e) is None for e in chunked.entries())
+
+
+def test_cache_model_long_track_in_blocks(tmp_path, ds_root, monkeypatch):
+    import functools
+
+    import cache.inference
+
+    store, ds = StemStore(tmp_path / "store"), open_dataset(ds_root)
+    ingest_dataset(store, ds, progress=False)
+    ref = StemStore(tmp_path / "ref")
+    ingest_dataset(ref, ds, progress=False)
+    key = cache_model(ref, ds, GainSeparator(), progress=False)["key"]
+    # blocks of 0.25 s (2000 samples at 8 kHz) over 0.05 s: every track takes 5 blocks
+    monkeypatch.setattr(cache.inference, "separate_array", functools.partial(
+        cache.inference.separate_array, block_seconds=0.25, overlap_seconds=0.05))
+    assert cache_model(store, ds, GainSeparator(), progress=False)["key"] == key
+    for t in store.tracks(ds.id):
+        blocks, one = store.stems(key, ds.id, t), ref.stems(key, ds.id, t)
+        assert blocks.shape == one.shape == (4, 2, t.length)
+        # a linear model: blocks cross-faded give the same stems, up to float16 rounding
+        np.testing.assert_allclose(blocks.astype(np.float32), one.astype(np.float32), atol=1e-3, rtol=0)
+    assert all(store.verify_entry(e) is None for e in store.entries())
