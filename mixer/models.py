@@ -20,6 +20,8 @@ PRESETS = {
     "ablation-17": {"T": 2 ** 17, "F": 2 ** 6, "N": 8},
     "ablation-16": {"T": 2 ** 16, "F": 2 ** 5, "N": 8},
     "cpu": {"T": 2 ** 16, "F": 2 ** 5, "N": 2},
+    # `pipeline demo`'s: ~0.4 s segments, one layer: trains and runs in about a minute on 2 cores
+    "demo": {"T": 2 ** 14, "F": 2 ** 5, "N": 1},
     "tiny": {"T": 2 ** 10, "F": 2 ** 4, "N": 1},
 }
 

@@ -337,7 +337,7 @@ def train_mixer_cmd(
     arch: str = typer.Option("mdx-mixer", help="conv1x1 (time-invariant) or mdx-mixer (time-varying)."),
     dataset: str = DatasetOpt,
     name: Optional[str] = typer.Option(None, help="Run name (default: the architecture and preset)."),
-    preset: str = typer.Option("cpu", help="paper (T=2^18,F=2^7,N=8), ablation-17, ablation-16, cpu (T=2^16,F=2^5,N=2), tiny."),
+    preset: str = typer.Option("cpu", help="paper (T=2^18,F=2^7,N=8), ablation-17, ablation-16, cpu (T=2^16,F=2^5,N=2), demo (T=2^14,F=2^5,N=1), tiny."),
     T: Optional[int] = typer.Option(None, "-T", help="Segment length in samples (overrides the preset)."),
     F: Optional[int] = typer.Option(None, "-F", help="Fold factor (overrides the preset)."),
     N: Optional[int] = typer.Option(None, "-N", help="MLP-Mixer layers (overrides the preset)."),
