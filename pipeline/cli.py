@@ -212,7 +212,7 @@ def run_cmd(
     from pipeline.experiment import load_experiment, run_experiment
 
     result = run_experiment(load_experiment(config), work_dir(work), device=device,
-                            log=lambda m: console.print(m, highlight=False))
+                            log=lambda m: console.print(m, highlight=False, markup=False))
     Console().print(result["summary"])
     console.print(f"report: {result['out']} ({result['seconds']:.0f} s)")
 
