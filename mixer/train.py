@@ -21,7 +21,7 @@ from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, average_
                           mixture_stats, normalise)
 from mixer.models import INITS, PRESETS, build_mixer
 from pipeline.errors import PipelineError
-from pipeline.training import BEST, TrainResult, load_checkpoint, save_atomic, train
+from pipeline.training import BEST, LAST, TrainResult, load_checkpoint, save_atomic, train
 
 DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
 MIXER = "mixer.pt"
@@ -165,6 +165,11 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
         (run_dir / MIXER).unlink()   # a fresh run: never leave the previous run's result behind
     if writer:
         write_json_atomic(run_dir / "config.json", config)
+
+    if resume and (run_dir / MIXER).exists() and (run_dir / LAST).exists():
+        last = load_checkpoint(run_dir / LAST)
+        if last["epoch"] >= epochs:   # finished: leave mixer.pt (and what depends on it) alone
+            return TrainResult(last["best_valid"], last["best_epoch"], last["metrics"], run_dir)
 
     torch.manual_seed(seed)   # the initial weights
     model = build_from_config(config)
