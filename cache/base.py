@@ -46,8 +46,11 @@ class Separator(abc.ABC):
     def options(self) -> dict:
         return {}
 
+    _checksum: str = ""
+
     def weights_checksum(self) -> str:
-        return ""
+        """The adapters set `_checksum` from the weight files they loaded."""
+        return self._checksum
 
     device: torch.device = torch.device("cpu")
 

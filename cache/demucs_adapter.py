@@ -308,9 +308,6 @@ class DemucsSeparator(Separator):
         return {"shifts": self.shifts, "overlap": self.overlap, "segment": self.segment,
                 "shift_seed": SHIFT_SEED if self.shifts else None}
 
-    def weights_checksum(self) -> str:
-        return self._checksum
-
     def to(self, device) -> "DemucsSeparator":
         super().to(device)
         self.model.to(self.device)

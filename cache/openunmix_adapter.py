@@ -184,9 +184,6 @@ class OpenUnmixSeparator(Separator):
         return {"niter": self.niter, "residual": self.residual,
                 "wiener_win_len": self.wiener_win_len, "segment": self.segment}
 
-    def weights_checksum(self) -> str:
-        return self._checksum
-
     def to(self, device) -> "OpenUnmixSeparator":
         super().to(device)
         self.model.to(self.device)

@@ -166,9 +166,6 @@ class XUMXSeparator(Separator):
         return {"niter": self.niter, "residual": self.residual,
                 "wiener_win_len": self.wiener_win_len, "segment": self.segment}
 
-    def weights_checksum(self) -> str:
-        return self._checksum
-
     def to(self, device) -> "XUMXSeparator":
         super().to(device)
         self.net.to(self.device)
