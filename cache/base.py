@@ -59,6 +59,58 @@ class Separator(abc.ABC):
         return self
 
 
+def resolve_niter(name: str, niter: int | None, n_stems: int) -> int:
+    """Wiener EM iterations for a masking model: None -> 1 (Open-Unmix's default) when there are
+    two or more stems to share the mixture, else 0; EM needs at least two stems."""
+    if niter is None:
+        return 1 if n_stems > 1 else 0
+    if niter < 0:
+        from pipeline.errors import PipelineError
+        raise PipelineError(f"{name}: niter must be >= 0, got {niter}")
+    if niter > 0 and n_stems < 2:
+        from pipeline.errors import PipelineError
+        raise PipelineError(f"{name}: Wiener EM (niter={niter}) needs at least two stems and this "
+                            f"model has one; use niter=0 or residual=true")
+    return niter
+
+
+class MaskingSeparator(Separator):
+    """Spectrogram-masking models with Open-Unmix's post-processing (Open-Unmix, X-UMX): the same
+    inference options, and long inputs cut into `segment`-second, half-overlapping chunks.
+
+    Subclasses set `network` (the torch module that moves with `to`), `niter`, `residual`,
+    `wiener_win_len`, `segment`, and implement `separate_chunk` [B, 2, T] -> [B, S, 2, T].
+    """
+
+    network: torch.nn.Module
+    niter: int
+    residual: bool
+    wiener_win_len: int
+    segment: float
+
+    def options(self) -> dict:
+        return {"niter": self.niter, "residual": self.residual,
+                "wiener_win_len": self.wiener_win_len, "segment": self.segment}
+
+    def to(self, device) -> "MaskingSeparator":
+        super().to(device)
+        self.network.to(self.device)
+        return self
+
+    @abc.abstractmethod
+    def separate_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 2, T] -> [B, S, 2, T], without chunking."""
+
+    def separate(self, mixture: torch.Tensor) -> torch.Tensor:
+        from pipeline.chunking import overlap_add
+
+        mixture = mixture.to(self.device, torch.float32)
+        seg = int(round(self.segment * self.sample_rate))
+        if mixture.shape[-1] <= seg:
+            return self.separate_chunk(mixture[None])[0]
+        return overlap_add(self.separate_chunk, mixture, seg, hop=seg // 2)
+
+
 def model_key(identity: dict) -> str:
     """`<name>-<12 hex>`: readable, and different whenever the identity differs."""
     blob = json.dumps(identity, sort_keys=True, default=str).encode()

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from cache.base import Separator
+from cache.base import MaskingSeparator, resolve_niter
 from cache.registry import (cached_checksum, combined_checksum, hub_checkpoints_dir,
                             missing_weights_error, pick_options)
-from pipeline.chunking import overlap_add
 from pipeline.config import SOURCES
 from pipeline.errors import PipelineError
 
@@ -148,24 +147,12 @@ def _read_json(path: Path, keys) -> dict:
 # What an Open-Unmix model is
 # --------------------------------------------------------------------------------------------
 
-def _resolve_niter(name: str, niter: int | None, n_targets: int, residual: bool) -> int:
-    n_stems = n_targets + int(residual)
-    if niter is None:
-        return 1 if n_stems > 1 else 0
-    if niter < 0:
-        raise PipelineError(f"{name}: niter must be >= 0, got {niter}")
-    if niter > 0 and n_stems < 2:
-        raise PipelineError(f"{name}: Wiener EM (niter={niter}) needs at least two stems and this "
-                            f"model has one target; use niter=0 or residual=true")
-    return niter
-
-
-class OpenUnmixSeparator(Separator):
+class OpenUnmixSeparator(MaskingSeparator):
     family = FAMILY
 
     def __init__(self, model, name: str, weights_checksum: str, *, niter: int, residual: bool,
                  wiener_win_len: int, segment: float):
-        self.model = model
+        self.model = self.network = model
         self.model.freeze()  # eval() (BatchNorm!) + no grads; openunmix's loaders leave train mode on
         self.name = name
         targets = tuple(model.target_models.keys())
@@ -180,27 +167,14 @@ class OpenUnmixSeparator(Separator):
         self.wiener_win_len, self.segment = wiener_win_len, segment
         self._checksum = weights_checksum
 
-    def options(self) -> dict:
-        return {"niter": self.niter, "residual": self.residual,
-                "wiener_win_len": self.wiener_win_len, "segment": self.segment}
-
-    def to(self, device) -> "OpenUnmixSeparator":
-        super().to(device)
-        self.model.to(self.device)
-        return self
-
-    def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        mixture = mixture.to(self.device, torch.float32)
-        seg = int(round(self.segment * self.sample_rate))
-        if mixture.shape[-1] <= seg:
-            return self.model(mixture[None])[0]
-        return overlap_add(self.model, mixture, seg, hop=seg // 2)
+    def separate_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 def _build_pretrained(name: str, files: dict, opts: dict):
     import openunmix
 
-    niter = _resolve_niter(name, opts["niter"], len(files), opts["residual"])
+    niter = resolve_niter(name, opts["niter"], len(files) + int(opts["residual"]))
     targets = order_targets(files)
     sep = getattr(openunmix, name)(targets=targets, residual=opts["residual"], niter=niter,
                                    device="cpu", pretrained=False,
@@ -232,7 +206,7 @@ def _build_local(folder: Path, opts: dict):
     _read_json(folder / "separator.json", ("nfft", "nhop", "sample_rate", "nb_channels"))
     for target in files:
         _read_json(folder / f"{target}.json", ("nfft", "nb_channels", "hidden_size"))
-    niter = _resolve_niter(str(folder), opts["niter"], len(files), opts["residual"])
+    niter = resolve_niter(str(folder), opts["niter"], len(files) + int(opts["residual"]))
     targets = order_targets(files)
     sums = {"separator.json": cached_checksum(folder / "separator.json")}
     states = {}

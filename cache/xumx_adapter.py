@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-from cache.base import Separator
+from cache.base import MaskingSeparator, resolve_niter
 from cache.registry import cached_checksum, hub_checkpoints_dir, missing_weights_error, pick_options
-from pipeline.chunking import overlap_add
 from pipeline.errors import PipelineError
 
 FAMILY = "xumx"
@@ -128,23 +127,12 @@ def build_network(conf: dict, path: Path):
     return net.eval()
 
 
-def _resolve_niter(name: str, niter: int | None, n_stems: int) -> int:
-    if niter is None:
-        return 1 if n_stems > 1 else 0
-    if niter < 0:
-        raise PipelineError(f"{name}: niter must be >= 0, got {niter}")
-    if niter > 0 and n_stems < 2:
-        raise PipelineError(f"{name}: Wiener EM (niter={niter}) needs at least two stems; "
-                            f"use niter=0 or residual=true")
-    return niter
-
-
-class XUMXSeparator(Separator):
+class XUMXSeparator(MaskingSeparator):
     family = FAMILY
 
     def __init__(self, net, name: str, weights_checksum: str, *, niter: int | None = None,
                  residual: bool = False, wiener_win_len: int = 300, segment: float = 30.0):
-        self.net = net
+        self.net = self.network = net
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.name = name
@@ -153,7 +141,7 @@ class XUMXSeparator(Separator):
         if not rate.is_integer():
             raise PipelineError(f"{name}: non-integer sample rate {rate}")
         self.sample_rate = int(rate)
-        self.niter = _resolve_niter(name, niter, len(self.sources))
+        self.niter = resolve_niter(name, niter, len(self.sources))
         self.residual = residual
         if wiener_win_len <= 0 or segment <= 0:
             raise PipelineError(f"{name}: wiener_win_len and segment must be > 0")
@@ -161,15 +149,6 @@ class XUMXSeparator(Separator):
             raise PipelineError(f"{name}: segment {segment} s is shorter than two STFT windows")
         self.wiener_win_len, self.segment = wiener_win_len, segment
         self._checksum = weights_checksum
-
-    def options(self) -> dict:
-        return {"niter": self.niter, "residual": self.residual,
-                "wiener_win_len": self.wiener_win_len, "segment": self.segment}
-
-    def to(self, device) -> "XUMXSeparator":
-        super().to(device)
-        self.net.to(self.device)
-        return self
 
     def _window(self, device) -> torch.Tensor:
         # the model's own STFT window (a Hann of window_length, stored in the checkpoint)
@@ -207,13 +186,6 @@ class XUMXSeparator(Separator):
                             hop_length=net.n_hop, window=window, center=True, length=T)
             out[b] = y.reshape(n_out, C, T)
         return out
-
-    def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        mixture = mixture.to(self.device, torch.float32)
-        seg = int(round(self.segment * self.sample_rate))
-        if mixture.shape[-1] <= seg:
-            return self.separate_chunk(mixture[None])[0]
-        return overlap_add(self.separate_chunk, mixture, seg, hop=seg // 2)
 
 
 def load_xumx(path: str | Path, *, device="cpu", options: dict | None = None,
