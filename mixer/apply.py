@@ -2,8 +2,8 @@
 
 A learned mixer processes the normalised track in segments of T samples, hop T/4, cross-faded by
 `pipeline.chunking.overlap_add` (periodic Hann, constant sum, zero padding at both ends): any
-length, no clicks at segment borders, memory bounded by the output plus `batch` segments on the
-device. A blend needs no segments: it is the same weighted sum at every sample.
+length, no clicks at segment borders. The inputs are assembled from the (memmapped) stems one
+segment at a time, so memory is the output plus `batch` segments, whatever the track's length. A blend needs no segments: it is the same weighted sum at every sample.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 
 from cache.store import read_json, write_json_atomic
 from mixer.blend import apply_blend
-from mixer.inputs import (InputSpec, assemble_inputs, check_inputs, denormalise, mixture_stats,
-                          normalise, split_outputs)
+from mixer.inputs import (InputSpec, NormalisedInputs, check_inputs, mixture_stats,
+                          split_outputs)
 from mixer.train import MIXER, build_from_config, segment_offsets
-from pipeline.chunking import overlap_add
+from pipeline.chunking import segment_of, overlap_add
 from pipeline.errors import PipelineError
 from pipeline.training import amp_dtype, resolve_device
 
@@ -55,10 +55,10 @@ class Mixer:
     def segment(self) -> int:
         return self.config["hyper"]["T"]
 
-    def normalised_inputs(self, mixture, stems_by_key) -> tuple[torch.Tensor, tuple[float, float]]:
+    def normalised_inputs(self, mixture, stems_by_key) -> tuple[NormalisedInputs, tuple[float, float]]:
         check_inputs(self.spec, mixture, stems_by_key)
         stats = mixture_stats(mixture)
-        return torch.from_numpy(normalise(assemble_inputs(self.spec, mixture, stems_by_key), stats)), stats
+        return NormalisedInputs(self.spec, mixture, stems_by_key, stats), stats
 
     @torch.inference_mode()
     def _run(self, chunks: torch.Tensor, fn) -> torch.Tensor:
@@ -76,7 +76,8 @@ class Mixer:
         x, stats = self.normalised_inputs(mixture, stems_by_key)
         y = overlap_add(lambda c: self._run(c, self.module), x, self.segment,
                         hop=self.segment // 4, batch=self.batch)
-        return split_outputs(denormalise(y, stats), len(self.spec.targets)).numpy()
+        y = y.mul_(stats[1]).add_(stats[0])   # denormalise in place: no second [2S, n] copy
+        return split_outputs(y, len(self.spec.targets)).numpy()
 
     # ---- weights for figures -----------------------------------------------------------------
     def blend_matrix(self) -> np.ndarray:
@@ -96,10 +97,9 @@ class Mixer:
         x, _ = self.normalised_inputs(mixture, stems_by_key)
         T = self.segment
         starts = np.array(segment_offsets(x.shape[-1], T, hop or T))
-        x = torch.nn.functional.pad(x, (0, int(starts[-1]) + T - x.shape[-1]))  # as in training
         weights = []
-        for i in range(0, len(starts), self.batch):
-            chunks = torch.stack([x[:, s:s + T] for s in starts[i:i + self.batch]])
+        for i in range(0, len(starts), self.batch):   # zero padding after the end, as in training
+            chunks = torch.stack([segment_of(x, int(s), T) for s in starts[i:i + self.batch]])
             weights.append(self._run(chunks, self.module.mixing_weights))
         return torch.cat(weights).numpy(), starts
 

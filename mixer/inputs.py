@@ -157,6 +157,33 @@ def assemble_inputs(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndar
     return out
 
 
+class NormalisedInputs:
+    """X of one track, normalised, assembled only for the samples asked for.
+
+    Quacks like the [in_channels, n] float32 array `normalise(assemble_inputs(...), stats)` (shape,
+    `x[..., a:b]`) without ever holding it: for a 10-minute track with three models that array is
+    26 x 26.5 M float32 = 2.8 GB, while overlap-add needs one segment at a time.
+    """
+
+    def __init__(self, spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
+                 stats: tuple[float, float]):
+        self.spec, self.mixture, self.stems, self.stats = spec, mixture, stems_by_key, stats
+        self.shape = (spec.in_channels, check_inputs(spec, mixture, stems_by_key))
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] in (Ellipsis, slice(None))
+                and isinstance(key[1], slice) and key[1].step in (None, 1)):
+            raise TypeError("NormalisedInputs supports x[..., a:b] (or x[:, a:b]) only")
+        start, stop, _ = key[1].indices(self.shape[-1])
+        return normalise(assemble_inputs(self.spec, self.mixture, self.stems, start,
+                                         max(start, stop)), self.stats)
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[..., :]
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+
 def assemble_targets(references, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Raw Y [2 * S, stop - start] float32 from references [S, 2, n]."""
     ref = np.asarray(references[:, :, start:stop], dtype=np.float32)

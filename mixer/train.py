@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.training import BEST, LAST, TrainResult, load_checkpoint, save_atomic, train
 
 DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
+SELECTS = ("valid", "last")   # which epoch's weights a run keeps (see train_mixer)
 MIXER = "mixer.pt"
 
 
@@ -87,7 +88,7 @@ class SegmentDataset(Dataset):
 def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int | None,
                  N: int | None, p: float, epochs: int, batch: int, lr: float, shift: int,
                  seed: int, max_segments_per_epoch: int | None, rate: int = 44100,
-                 init: str = "average") -> dict:
+                 init: str = "average", select: str = "valid") -> dict:
     """Everything needed to rebuild, retrain or apply the mixer."""
     return {"method": arch, "dataset": dataset_id, "rate": rate, "inputs": spec.to_dict(),
             "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
@@ -98,7 +99,9 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
             "hyper": {"T": T, "F": F, "N": N, "p": p, "init": init},
             "training": {"epochs": epochs, "batch": batch, "lr": lr, "shift": shift, "seed": seed,
                          "max_segments_per_epoch": max_segments_per_epoch, "loss": "l1",
-                         "optimizer": "adam", "split": "train", "valid_split": "valid"}}
+                         "optimizer": "adam", "split": "train",
+                         # the split the kept epoch was chosen on; None: the last epoch was kept
+                         "valid_split": "valid" if select == "valid" else None}}
 
 
 def build_from_config(config: dict) -> torch.nn.Module:
@@ -129,11 +132,15 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                 p: float = 0.0, epochs: int | None = None, batch: int = 4, lr: float = 3e-4,
                 shift: int = 2 ** 15, seed: int = 0, device=None, resume: bool = True,
                 max_segments_per_epoch: int | None = None, num_workers: int = 0,
-                amp: str = "auto", progress: bool = True, init: str = "average") -> TrainResult:
+                amp: str = "auto", progress: bool = True, init: str = "average",
+                select: str = "valid") -> TrainResult:
     """Train a conv1x1 or MDX-Mixer on `dataset_id`'s train split; write run_dir/mixer.pt.
 
     init: 'average' starts from the uniform average of the models' estimates (see
     mixer.models.build_mixer), 'random' from PyTorch's default initialisation.
+    select: 'valid' keeps the epoch with the lowest L1 loss on the valid split (the paper's
+    model selection); 'last' keeps the last epoch and never reads the valid split - for datasets
+    whose valid split is also the evaluation split (MUSDB18 previews).
 
     T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
     Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
@@ -153,8 +160,10 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     spec = InputSpec.from_store(store, dataset_id, model_keys, with_mixture=with_mixture)
     if init not in INITS:
         raise PipelineError(f"mixer init '{init}': choose one of {', '.join(INITS)}")
+    if select not in SELECTS:
+        raise PipelineError(f"mixer select '{select}': choose one of {', '.join(SELECTS)}")
     config = mixer_config(spec, dataset_id, arch, T=T, F=F, N=N, p=p, epochs=epochs, batch=batch,
-                          init=init,
+                          init=init, select=select,
                           lr=lr, shift=shift, seed=seed,
                           max_segments_per_epoch=max_segments_per_epoch,
                           rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))
@@ -174,7 +183,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     torch.manual_seed(seed)   # the initial weights
     model = build_from_config(config)
     train_set = SegmentDataset(store, dataset_id, spec, "train", T, shift)
-    valid_set = SegmentDataset(store, dataset_id, spec, "valid", T, T)
+    valid_set = SegmentDataset(store, dataset_id, spec, "valid", T, T) if select == "valid" else None
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
     max_batches = (math.ceil(max_segments_per_epoch / (batch * world))
                    if max_segments_per_epoch else None)

@@ -42,7 +42,7 @@ def flattop_window(segment: int, overlap: int, device=None, dtype=torch.float32)
     return w.to(dtype)
 
 
-def _segment_of(x, start: int, segment: int) -> torch.Tensor:
+def segment_of(x, start: int, segment: int) -> torch.Tensor:
     """x[..., start:start + segment] as a new tensor, zeros where that lies outside x.
 
     x is a tensor, or an array (a read-only np.memmap included) that is read here, one segment at
@@ -131,7 +131,7 @@ def overlap_add(
     starts = [i * hop for i in range(n_seg)]
     for i in range(0, n_seg, batch):
         group = starts[i:i + batch]
-        chunks = torch.stack([_segment_of(x, s - pad, segment) for s in group])
+        chunks = torch.stack([segment_of(x, s - pad, segment) for s in group])
         y = fn(chunks)
         del chunks
         hi = group[-1] + segment

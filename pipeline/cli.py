@@ -351,6 +351,7 @@ def train_mixer_cmd(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     seed: int = typer.Option(0, help="Random seed."),
     init: str = typer.Option("average", help="average: start from the models' uniform average; random: PyTorch's init (the paper's)."),
+    select: str = typer.Option("valid", help="Keep the epoch with the lowest loss on the valid split, or the last one ('last': the valid split is never read; use it when valid is also your evaluation split)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
@@ -366,7 +367,7 @@ def train_mixer_cmd(
                          with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
                          batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
                          resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
-                         init=init)
+                         init=init, select=select)
     console.print(f"mixer run written to {run} ({result})")
 
 

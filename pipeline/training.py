@@ -128,7 +128,7 @@ def _mean_over_ranks(total: float, count: int, device, world: int) -> float:
 
 
 def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
-          valid: Dataset | Callable[[nn.Module], float],
+          valid: Dataset | Callable[[nn.Module], float] | None,
           make_optimizer: Callable[[list], torch.optim.Optimizer], *, epochs: int,
           batch_size: int, seed: int, run_dir: str | Path, device=None,
           make_scheduler: Callable | None = None, num_workers: int = 0, amp: str = "auto",
@@ -136,7 +136,9 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
           progress: bool = True, grad_clip: float | None = None) -> TrainResult:
     """Train `model` for `epochs` epochs in total (resuming from `run_dir/last.pt` if present).
 
-    valid: a Dataset (mean `loss_fn` over it) or a function model -> validation loss.
+    valid: a Dataset (mean `loss_fn` over it) or a function model -> validation loss; `best.pt`
+        is the epoch with the lowest. None: no validation, `best.pt` is the last epoch (for data
+        whose only held-out split is the one the result will be evaluated on).
     make_scheduler: optimizer -> scheduler stepped once per epoch, or None.
     The caller seeds torch before building the model so its initial weights are reproducible.
     """
@@ -206,10 +208,11 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
         if scheduler is not None:
             scheduler.step()
 
-        valid_loss = evaluate(core, loss_fn, valid, batch_size, device, low, num_workers, rank, world)
+        valid_loss = (math.nan if valid is None else
+                      evaluate(core, loss_fn, valid, batch_size, device, low, num_workers, rank, world))
         metrics.append({"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
                         "seconds": time.time() - t0, "lr": lr})
-        if valid_loss < best:
+        if valid is None or valid_loss < best:
             best, best_epoch = valid_loss, epoch + 1
         if rank == 0:
             ck = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),

@@ -10,7 +10,8 @@ import torch
 from cache.store import StemStore, TrackEntry, write_json_atomic
 from mixer.apply import apply_run, export_weights
 from mixer.blend import apply_blend, collect_stats, search, search_blend, simplex_grid
-from mixer.inputs import InputSpec, mixture_stats
+from mixer.inputs import (InputSpec, NormalisedInputs, assemble_inputs, mixture_stats,
+                          normalise)
 from mixer.models import PRESETS, Conv1x1Mixer, MDXMixer, fold, unfold
 from mixer.train import MIXER, mixer_config, train_mixer
 from reports.metrics import framewise_sdr, median_over_tracks, track_median, usdr
@@ -139,6 +140,48 @@ def test_identity_mixing_reproduces_input(tmp_path, arch, n):
     out = apply_run(run, mixture, {"m0": stems}, batch=2)
     assert out.shape == (4, 2, n) and out.dtype == np.float32
     np.testing.assert_allclose(out, stems, atol=2e-6, rtol=1e-5)
+
+
+def test_lazy_inputs_equal_the_assembled_array(tmp_path):
+    """The mixer reads X a segment at a time from float16 memmaps; every slice must be the same
+    numbers as normalising the whole assembled array, and so must the mixer's output."""
+    n = 5000
+    spec = InputSpec(("a", "b"), ("a", "b"), (SOURCES, SOURCES[:2]), SOURCES, True)
+    rng = np.random.default_rng(1)
+    mixture = (0.3 * rng.standard_normal((2, n)) + 0.02).astype(np.float32)
+    stems = {}
+    for key, srcs in zip(spec.model_keys, spec.model_sources):
+        mm = np.lib.format.open_memmap(tmp_path / f"{key}.npy", "w+", np.float16, (len(srcs), 2, n))
+        mm[:] = 0.2 * rng.standard_normal(mm.shape)
+        mm.flush()
+        stems[key] = np.load(tmp_path / f"{key}.npy", mmap_mode="r")
+    stats = mixture_stats(mixture)
+    eager = normalise(assemble_inputs(spec, mixture, stems), stats)
+    lazy = NormalisedInputs(spec, mixture, stems, stats)
+    assert lazy.shape == eager.shape == (spec.in_channels, n)
+    for a, b in [(0, n), (0, 1), (123, 4567), (4999, 5000), (4000, 9000), (10, 10)]:
+        np.testing.assert_array_equal(lazy[..., a:b], eager[..., a:b])
+    np.testing.assert_array_equal(np.asarray(lazy), eager)
+    with pytest.raises(TypeError):
+        lazy[0]
+
+    # an untrained (random) MDX-Mixer through Mixer == overlap-add over the eager tensor
+    from mixer.apply import Mixer
+    from pipeline.chunking import overlap_add
+    T, F, N = PRESETS["tiny"].values()
+    config = mixer_config(spec, "toy", "mdx-mixer", T=T, F=F, N=N, p=0.0, epochs=1, batch=1,
+                          lr=0.0, shift=T, seed=0, max_segments_per_epoch=None, init="random")
+    torch.manual_seed(0)
+    module = MDXMixer(spec.in_channels, spec.out_channels, T=T, F=F, N=N).eval()
+    run = tmp_path / "run"
+    write_json_atomic(run / "config.json", config)
+    torch.save(module.state_dict(), run / MIXER)
+    with torch.no_grad():
+        want = overlap_add(module, torch.from_numpy(eager), T, hop=T // 4, batch=3)
+    want = (want * stats[1] + stats[0]).reshape(len(SOURCES), 2, n).numpy()
+    got = Mixer(run, batch=3)(mixture, stems)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got).max() > 0.01
 
 
 # ---- blend search vs brute force -------------------------------------------------------------
@@ -321,6 +364,27 @@ def test_resumed_training_is_bit_identical(tmp_path):
     w = np.load(path)
     assert w["W"].shape == (4, 10, 8) and w["mean"].shape == w["std"].shape == (10, 8)
     assert list(w["starts"]) == [0, 1024, 2048, 3072]
+
+
+def test_select_last_keeps_the_last_epoch_without_a_valid_split(tmp_path):
+    """select='last' never reads the valid split (there is none here) and keeps the last epoch;
+    the default, selection on the valid split, needs one and says so."""
+    from pipeline.errors import PipelineError
+
+    store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
+                       splits=(("train", 2), ("test", 1)), length=4096)
+    kw = dict(preset="tiny", batch=2, lr=1e-3, shift=512, seed=0, device="cpu",
+              max_segments_per_epoch=4, progress=False, epochs=3)
+    with pytest.raises(PipelineError, match="no 'valid' tracks"):
+        train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "v", **kw)
+    result = train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "a", select="last", **kw)
+    assert result.best_epoch == 3 and all(np.isnan(m["valid_loss"]) for m in result.metrics)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    kept = torch.load(tmp_path / "a" / MIXER, weights_only=True)
+    assert all(torch.equal(kept[k], last[k]) for k in last)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["training"]["valid_split"] is None
+    with pytest.raises(PipelineError, match="select"):
+        train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "b", select="best", **kw)
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
