@@ -36,6 +36,13 @@ def load_experiment(path: str | Path) -> dict:
     return validate(config, path)
 
 
+# [[systems]] keys: every system's, a blend's, and a learned mixer's (train_mixer's arguments)
+COMMON_KEYS = ("name", "method", "models")
+BLEND_KEYS = ("step", "objective", "split")
+MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
+              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture")
+
+
 def validate(config: dict, path) -> dict:
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: expected a table at the top level")
@@ -54,6 +61,11 @@ def validate(config: dict, path) -> dict:
                                 f"choose one of {', '.join(METHODS)}")
         if not s.get("name") or s["name"] in names:
             raise PipelineError(f"{path}: every [[systems]] needs a unique 'name'")
+        allowed = COMMON_KEYS + (BLEND_KEYS if s["method"] == "blend" else MIXER_KEYS)
+        unknown = sorted(set(s) - set(allowed))
+        if unknown:   # a typo would otherwise silently fall back to a default
+            raise PipelineError(f"{path}: system '{s['name']}' ({s['method']}) has unknown "
+                                f"key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
         names.add(s["name"])
     return config
 
@@ -128,9 +140,7 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
                 search_blend(store, dataset.id, chosen, run_dir=run_dir, **wanted)
                 log(f"[blend] {system['name']}: searched in {time.perf_counter() - t0:.1f} s")
         else:
-            hyper = {k: system[k] for k in ("preset", "T", "F", "N", "p", "epochs", "batch", "lr",
-                                            "shift", "seed", "max_segments_per_epoch", "num_workers", "init")
-                     if k in system}
+            hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
             train_mixer(store, dataset.id, chosen, system["method"], run_dir,
                         with_mixture=system.get("with_mixture", True), device=device,
                         progress=progress, **hyper)

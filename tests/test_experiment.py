@@ -75,6 +75,9 @@ def test_bad_experiment_files(tmp_path):
     bad.write_text(TINY.replace('method = "blend"', 'method = "magic"'))
     with pytest.raises(PipelineError, match="method 'magic'"):
         load_experiment(bad)
+    bad.write_text(TINY.replace('method = "blend"', 'method = "blend"\nstpe = 0.1'))
+    with pytest.raises(PipelineError, match="unknown key.*stpe"):
+        load_experiment(bad)
     bad.write_text("name = [")
     with pytest.raises(PipelineError, match="not a valid experiment file"):
         load_experiment(bad)
