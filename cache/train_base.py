@@ -594,22 +594,31 @@ def model_card(config: dict, summary: dict, files: list[Path]) -> str:
 
 def write_test_sdr(model_dir: str | Path, scores: dict[str, float], *, dataset_id: str,
                    split: str = "test", n_tracks: int | None = None,
-                   metric: str = "SDR (museval v4, median over frames, median over tracks)") -> None:
-    """Fill MODEL.md's test-SDR section with per-source scores (dB)."""
+                   metric: str = "SDR (museval v4, median over frames, median over tracks)",
+                   section: str = "test-sdr", title: str | None = None,
+                   notes: list[str] | None = None) -> None:
+    """Fill one SDR section of MODEL.md (between `<!-- section -->` markers) with per-source
+    scores (dB). The test-SDR section is part of every card; another section is appended under
+    `title` the first time and replaced afterwards."""
     card = Path(model_dir) / CARD
     text = card.read_text()
-    if SDR_BEGIN not in text or SDR_END not in text:
-        raise PipelineError(f"{card}: no test-SDR section to fill")
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    if begin not in text or end not in text:
+        if title is None:
+            raise PipelineError(f"{card}: no {section} section to fill")
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{begin}\n{end}\n"
     rows = ["| source | SDR (dB) |", "|---|---|"]
     rows += [f"| {s} | {v:.2f} |" for s, v in scores.items()]
     mean = float(np.nanmean(list(scores.values()))) if scores else float("nan")
     rows.append(f"| **mean** | **{mean:.2f}** |")
     body = [f"{metric} on the `{split}` split of `{dataset_id}`"
             + (f" ({n_tracks} tracks)" if n_tracks else "") + ":", ""] + rows
-    head, rest = text.split(SDR_BEGIN, 1)
-    _, tail = rest.split(SDR_END, 1)
+    if notes:
+        body += [""] + list(notes)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     tmp = card.with_name(f".{card.name}.{os.getpid()}")
-    tmp.write_text(head + SDR_BEGIN + "\n" + "\n".join(body) + "\n" + SDR_END + tail)
+    tmp.write_text(head + begin + "\n" + "\n".join(body) + "\n" + end + tail)
     os.replace(tmp, card)
 
 
