@@ -244,6 +244,13 @@ def _load_folder(folder: Path, name: str | None, *, device, offline, options, la
     return load_xumx(pth, device=device, options=options, label=label)
 
 
+def run_label(folder: Path) -> str | None:
+    """`pipeline train-base` writes RUN/model/: such a model is called by its run's name
+    (umx-musdb7), not 'model' (or a demucs signature), in the store and in every report."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name == "model" and folder.parent.name else None
+
+
 def _split_dir_name(spec: str) -> tuple[Path, str] | None:
     """'DIR:NAME' where DIR is an existing folder (a demucs repo and one of its models)."""
     if ":" not in spec:
@@ -293,7 +300,8 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     looks_like_path = os.sep in spec or spec.startswith(".") or path.suffix in (".th", ".yaml", ".pth")
     if path.exists():
         if path.is_dir():
-            return _load_folder(path, None, device=dev, offline=offline, options=options)
+            return _load_folder(path, None, device=dev, offline=offline, options=options,
+                                label=run_label(path))
         if path.suffix == ".pth":
             from cache.xumx_adapter import load_xumx
 

@@ -209,6 +209,7 @@ def test_train_save_reload_separate(tiny, tmp_path, variant):
     # ... and so does the registry, which separates with it
     sep = load_separator(str(model), offline=True)
     assert tuple(sep.sources) == ("drums", "bass", "other", "vocals") and sep.sample_rate == 8000
+    assert sep.name == variant   # the run's name, not 'model' or a demucs signature
     track = store.tracks(ds, "test")[0]
     mix = torch.from_numpy(np.array(store.mixture(ds, track)))
     with torch.no_grad():
