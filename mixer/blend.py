@@ -281,7 +281,8 @@ def apply_blend(weights: Mapping[str, Mapping[str, float]], stems_per_model: Map
 
 
 # ---- the stage -------------------------------------------------------------------------------
-def _markdown(spec: InputSpec, table: dict, best: dict, single: dict, objective: str) -> str:
+def _markdown(spec: InputSpec, table: dict, best: dict, single: dict, objective: str,
+              split: str) -> str:
     def row(cells):
         return "| " + " | ".join(cells) + " |"
 
@@ -294,7 +295,8 @@ def _markdown(spec: InputSpec, table: dict, best: dict, single: dict, objective:
               for key, name in zip(spec.model_keys, spec.model_names)]
     scores.append(row(["**blend**"] + [f"**{best[t]:.3f}**" for t in spec.targets]))
     return "\n".join(["## Blend weights", "", *head, *weights, "",
-                      f"## Validation {objective} SDR (dB)", "", *head, *scores, ""])
+                      f"## {objective} SDR on the `{split}` split the weights were searched on "
+                      f"(dB)", "", *head, *scores, ""])
 
 
 def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: float = 0.05,
@@ -334,5 +336,5 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
                           {"models": list(spec.model_names), "keys": list(spec.model_keys),
                            "sources": list(spec.targets),
                            "weights": [[table[k][t] for t in spec.targets] for k in spec.model_keys]})
-        (run_dir / "weights.md").write_text(_markdown(spec, table, best, single, objective))
+        (run_dir / "weights.md").write_text(_markdown(spec, table, best, single, objective, split))
     return config

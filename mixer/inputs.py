@@ -106,7 +106,7 @@ def mixture_stats(mixture: np.ndarray, chunk: int = 1 << 20) -> tuple[float, flo
         block = np.asarray(mixture[:, i:i + chunk], dtype=np.float64)
         s1 += block.sum()
         s2 += np.square(block).sum()
-    count = max(mixture.size, 1)
+    count = max(int(np.prod(mixture.shape)), 1)
     mean = s1 / count
     std = float(np.sqrt(max(s2 / count - mean * mean, 0.0)))
     return float(mean), std + 1e-8

@@ -333,10 +333,12 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
     for i, (item, group) in enumerate(zip(inputs, paths), 1):
         t0 = time.perf_counter()
         entry = entry_of(by_name[item.track_name()])
-        mixture = store.mixture(dataset.id, entry)
-        stems = {k: store.stems(k, dataset.id, entry) for k in keys}
-        estimates = mixer(mixture, stems)
-        del stems
+        # positional reads, no memory maps: the mixer reads one segment at a time, and memory
+        # stays at the estimates plus a few segments however long the file is
+        with contextlib.ExitStack() as files:
+            mixture = files.enter_context(store.mixture_file(dataset.id, entry))
+            stems = {k: files.enter_context(store.stems_file(k, dataset.id, entry)) for k in keys}
+            estimates = mixer(mixture, stems)
         for target, path, est in zip(targets, group, estimates):
             y = _fit(resample(np.ascontiguousarray(est), rate, item.rate), item.length)
             if fmt == "flac":
