@@ -80,6 +80,14 @@ def rss_mib() -> float:
         return peak_mib()
 
 
+def machine_line(threads: int) -> str:
+    import torch
+
+    return (f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs (load "
+            f"average {', '.join(f'{x:.1f}' for x in os.getloadavg())}), torch {torch.__version__}, "
+            f"{threads} torch thread(s)")
+
+
 # ---- set-up ------------------------------------------------------------------------------------
 def build_model(folder: Path, channels: int, depth: int, nfft: int, segment: float) -> Path:
     import torch
@@ -222,8 +230,6 @@ def main() -> None:
                                args.segment)))
         return
 
-    import torch
-
     from pipeline.synth import generate_dataset
 
     t_all = time.perf_counter()
@@ -233,9 +239,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in load_model(model_dir, args.threads).model.parameters())
         data = generate_dataset(tmp / "synth", seed=0, n_train=args.tracks, n_valid=0, n_test=0,
                                 duration=args.seconds, sample_rate=RATE, progress=False)
-        print(f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs "
-              f"(load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}), torch "
-              f"{torch.__version__}, {args.threads} torch thread(s)")
+        print(machine_line(args.threads))
         print(f"model: HDemucs channels={args.channels} depth={args.depth} nfft={args.nfft} "
               f"segment={args.segment:g} s, {n_params / 1e6:.3f} M params, random weights, demucs "
               f".th package (export_model), shifts=1 overlap=0.25 (adapter defaults)")
