@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> (family, extra train_base arguments, epochs). The epochs are those the shipped
-# checkpoints were trained with: fewer than the `small` preset's (20 / 12 / 15), because the
-# three trained side by side on one 2-core machine (26-29 min each).
+# checkpoints were trained with: umx and xumx fewer than the `small` preset's (20 / 12), because
+# they trained side by side on one 2-core machine (26-29 min each); demucs the preset's 15.
 SHIPPED = {
     "umx-synth": ("umx", {}, 10),
     "xumx-synth": ("xumx", {}, 6),
-    "demucs-synth": ("demucs", {"arch": "hdemucs"}, 8),
+    "demucs-synth": ("demucs", {"arch": "hdemucs"}, 15),
 }
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small", help="train_base preset (default small)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="override the recipe's epochs (umx 10, xumx 6, demucs 8)")
+                   help="override the recipe's epochs (umx 10, xumx 6, demucs 15)")
     p.add_argument("--real", type=Path, default=None,
                    help="train the same recipes on this dataset's train split, score its valid "
                         "split, write the numbers into the shipped cards (install nothing)")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             n_train = len(store.tracks(ds.id, "train"))
             cli = (f"pipeline train-base -f {family} -d {args.real} --name {run_dir.name} "
                    f"--epochs {epochs}" + (f" --seed {args.seed}" if args.seed else "")
-                   + (f" --arch {extra['arch']}" if "arch" in extra else ""))
+                   + "".join(f" --{k.replace('_', '-')} {v}" for k, v in extra.items()))
             notes = [f"The same recipe (`{args.preset}` preset, {epochs} epochs, seed {args.seed}) "
                      f"trained on the {n_train} `train` tracks of `{ds.id}` (read from "
                      f"`{info.get('root', args.real)}`) in {res.train_seconds / 60:.1f} min "
