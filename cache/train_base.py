@@ -696,7 +696,7 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
         what = ", ".join(sub or diff)
         raise PipelineError(f"{run_dir}: holds a run with a different configuration ({what}); "
                             f"resume it with the same options, use another run folder, or "
-                            f"start over with resume=False (--no-resume)")
+                            f"start over with resume=False (`train-base --fresh`)")
 
 
 def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "small",

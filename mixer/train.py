@@ -119,7 +119,8 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
     if strip(old) != strip(config):
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         raise PipelineError(f"{run_dir}: holds a run with a different configuration "
-                            f"({', '.join(changed)} differ); use another run name or --no-resume")
+                            f"({', '.join(changed)} differ); use another run name, or start "
+                            f"over with `train-mixer --fresh` (or remove the folder)")
 
 
 def l1_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
