@@ -2,8 +2,9 @@
 
 A learned mixer processes the normalised track in segments of T samples, hop T/4, cross-faded by
 `pipeline.chunking.overlap_add` (periodic Hann, constant sum, zero padding at both ends): any
-length, no clicks at segment borders. The inputs are assembled from the (memmapped) stems one
-segment at a time, so memory is the output plus `batch` segments, whatever the track's length. A blend needs no segments: it is the same weighted sum at every sample.
+length, no clicks at segment borders. The inputs are assembled from the stored stems one segment
+at a time, so memory is the output plus `batch` segments, whatever the track's length. A blend
+needs no segments: it is the same weighted sum at every sample.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 
 from cache.store import read_json, write_json_atomic
 from mixer.blend import apply_blend
-from mixer.inputs import (InputSpec, NormalisedInputs, check_inputs, mixture_stats,
-                          split_outputs)
+from mixer.inputs import (InputSpec, NormalisedInputs, check_inputs, denormalise,
+                          mixture_stats, split_outputs)
 from mixer.train import MIXER, build_from_config, segment_offsets
 from pipeline.chunking import segment_of, overlap_add
 from pipeline.errors import PipelineError
@@ -76,8 +77,7 @@ class Mixer:
         x, stats = self.normalised_inputs(mixture, stems_by_key)
         y = overlap_add(lambda c: self._run(c, self.module), x, self.segment,
                         hop=self.segment // 4, batch=self.batch)
-        y = y.mul_(stats[1]).add_(stats[0])   # denormalise in place: no second [2S, n] copy
-        return split_outputs(y, len(self.spec.targets)).numpy()
+        return split_outputs(denormalise(y, stats), len(self.spec.targets)).numpy()
 
     # ---- weights for figures -----------------------------------------------------------------
     def blend_matrix(self) -> np.ndarray:

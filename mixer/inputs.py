@@ -120,8 +120,10 @@ def normalise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
 
 
 def denormalise(y, stats: tuple[float, float]):
+    """The inverse of `normalise`, in place on a float tensor (a track's [2S, n] outputs are the
+    largest array `separate` holds: no second copy); returns `y`."""
     mean, std = stats
-    return y * std + mean
+    return y.mul_(std).add_(mean)
 
 
 # ---- assembly --------------------------------------------------------------------------------
