@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from cache.base import Separator
-from cache.registry import (combined_checksum, cached_checksum, hf_cached, hf_offline,
-                            hub_checkpoints_dir, missing_weights_error, pick_options)
+from cache.base import Separator, pick_options
+from cache.weights import (cached_checksum, combined_checksum, hf_cached, hf_offline,
+                           hub_checkpoints_dir, missing_weights_error)
 from pipeline.errors import PipelineError
 
 FAMILY = "demucs"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache.base import Separator
+from cache.base import BLOCK_SECONDS, OVERLAP_SECONDS, Separator
 from pipeline.chunking import overlap_add
 from pipeline.errors import PipelineError
 
@@ -32,8 +32,6 @@ def _fit(x: torch.Tensor, n: int) -> torch.Tensor:
     return x
 
 
-BLOCK_SECONDS = 60.0     # a long track is separated in blocks of at most this much audio ...
-OVERLAP_SECONDS = 2.0    # ... cross-faded over this much (demucs's own overlap is 0.25 x ~8 s)
 
 
 def block_layout(n: int, block: int, overlap: int) -> tuple[int, int]:

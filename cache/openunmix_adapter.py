@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from cache.base import MaskingSeparator, resolve_niter
-from cache.registry import (cached_checksum, combined_checksum, hub_checkpoints_dir,
-                            missing_weights_error, pick_options)
+from cache.base import MaskingSeparator, pick_options, resolve_niter
+from cache.weights import (cached_checksum, combined_checksum, hub_checkpoints_dir,
+                           missing_weights_error)
 from pipeline.config import SOURCES
 from pipeline.errors import PipelineError
 

@@ -21,162 +21,17 @@ Two questions are kept apart, as in demucs's pretrained.py / repo.py:
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from cache.weights import enable_offline
 from pipeline.errors import PipelineError
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 OPENUNMIX_NAMES = ("umxhq", "umxl", "umx")
 XUMX_NAMES = ("xumx",)
-
-
-# --------------------------------------------------------------------------------------------
-# Weight locations (shared by the adapters)
-# --------------------------------------------------------------------------------------------
-
-def hub_checkpoints_dir() -> Path:
-    """Where torch.hub.load_state_dict_from_url caches files: $TORCH_HOME/hub/checkpoints."""
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def enable_offline() -> None:
-    """Make Hugging Face hub calls cache-only for the rest of the process.
-
-    huggingface_hub reads HF_HUB_OFFLINE once, at import, so the constant is patched as well when
-    it has already been imported.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        constants.HF_HUB_OFFLINE = True
-
-
-@contextlib.contextmanager
-def hf_offline():
-    """Hugging Face hub cache-only within the block (restored afterwards)."""
-    import huggingface_hub.constants as constants
-
-    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = old_const
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
-
-
-def hf_cached(repo_id: str, filename: str) -> Path | None:
-    """The cached file of a Hugging Face repo, or None; never touches the network."""
-    import huggingface_hub.constants as constants
-
-    # the cache layout is <HF_HUB_CACHE>/models--<owner>--<name>/; skip importing the download
-    # machinery (about a second) when the repo was never cached
-    if not (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename)
-    return Path(found) if isinstance(found, str) else None
-
-
-_CHECKSUMS: dict[tuple, str] = {}
-
-
-def cached_checksum(path: str | Path) -> str:
-    """sha256 of a file, memoised per (path, size, mtime) so a bag is hashed once per process."""
-    from cache.base import file_checksum
-
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _CHECKSUMS:
-        _CHECKSUMS[key] = file_checksum(p)
-    return _CHECKSUMS[key]
-
-
-def combined_checksum(parts: Any) -> str:
-    """One hex digest for several files' checksums plus whatever else defines the weights."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def missing_weights_error(model: str, files: list[tuple[str, str | None]], folders: list[str],
-                          extra: str = "") -> PipelineError:
-    """The one-line 'weights not found' error: which files, where we looked, how to fix it.
-
-    files: (file name, download URL or None).
-    """
-    names = ", ".join(f for f, _ in files)
-    urls = " ".join(u for _, u in files if u)
-    where = " or ".join(folders)
-    msg = f"{model}: weights {names} not found in {where}"
-    if urls:
-        msg += f"; download {urls} on a machine with internet and put {'it' if len(files) == 1 else 'them'} in one of those folders"
-    if extra:
-        msg += f" ({extra})"
-    return PipelineError(msg)
-
-
-# --------------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------------
-
-# Every option any family understands. One `options` dict is shared by all models of a CLI run
-# (e.g. --shifts with -m htdemucs -m umxl), so a family ignores the others' options; a name no
-# family knows is an error.
-ALL_OPTIONS = {"shifts", "overlap", "segment", "niter", "residual", "wiener_win_len"}
-
-
-def _coerce(name: str, value, kind: type, allow_none: bool):
-    if value is None:
-        if allow_none:
-            return None
-        raise PipelineError(f"option {name}: a value is required")
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise PipelineError(f"option {name}={value!r}: expected {kind.__name__}") from None
-
-
-def pick_options(family: str, options: dict | None, spec: dict[str, tuple[type, Any, bool]]) -> dict:
-    """This family's options from `options`, typed, with defaults.
-
-    spec: name -> (type, default, None allowed). Unknown names (no family knows them) fail.
-    """
-    options = dict(options or {})
-    unknown = sorted(set(options) - ALL_OPTIONS)
-    if unknown:
-        raise PipelineError(f"unknown model option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(sorted(ALL_OPTIONS))}")
-    out = {}
-    for name, (kind, default, allow_none) in spec.items():
-        out[name] = _coerce(name, options[name], kind, allow_none) if name in options else default
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from tqdm import tqdm
+from pipeline.progress import progress_bar
 
 from cache.base import Separator, model_key
 from cache.store import StemStore, TrackEntry
@@ -55,7 +55,7 @@ def _package_versions() -> dict:   # importlib.metadata costs ~10 ms a call: onc
 
 def _progress(tracks: list[Track], desc: str, enabled: bool):
     total = sum(t.duration for t in tracks)
-    return tqdm(total=round(total, 1), desc=desc, unit="s audio", disable=not enabled,
+    return progress_bar(total=round(total, 1), desc=desc, unit="s audio", disable=not enabled,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
                            "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
 

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.splits import resolve as resolve_split
 
 MANIFEST = "manifest.json"
 
@@ -310,9 +311,11 @@ class StemStore:
         return sorted(p.name for p in base.iterdir() if (p / "dataset.json").exists()) if base.exists() else []
 
     def tracks(self, dataset_id: str, split: str | None = None) -> list[TrackEntry]:
+        """The dataset's tracks in `split` (None: all): train / valid / test, or the derived
+        `select` (a fixed tenth of train) and `fit` (the rest of train), see pipeline.splits."""
         info = self.dataset_info(dataset_id)
         entries = [TrackEntry(t["name"], t["subset"], t["split"], t["length"]) for t in info["tracks"]]
-        return [t for t in entries if split is None or t.split == split]
+        return resolve_split(split, entries)
 
     def has_track(self, dataset_id: str, track: TrackEntry) -> bool:
         return (self.track_dir(dataset_id, track) / MANIFEST).exists()

@@ -17,7 +17,7 @@ Three families, three genuinely different separators (the point of ensembling th
   solver / export writes), loadable with ``demucs.pretrained.get_model(sig, repo=model_dir)``.
 
 The loop itself is `pipeline.training.train` (seeded, resumable per epoch, best checkpoint on the
-validation loss, metrics.csv, tqdm, CUDA autocast, torchrun DDP). This module builds the data
+validation loss, metrics.csv, progress bar, CUDA autocast, torchrun DDP). This module builds the data
 (`cache.train_data`), the network, the loss and, at the end, exports the best checkpoint to
 ``run_dir/model/`` with a ``MODEL.md`` card; `cache.registry.load_separator(run_dir / "model")`
 loads the result, and copying the folder to ``cache/checkpoints/<name>/`` ships it.
@@ -230,13 +230,14 @@ def input_statistics(store: StemStore, dataset_id: str, nfft: int, nhop: int,
     return mean, std
 
 
-def _cached_statistics(run_dir: Path, store, dataset_id, nfft, nhop, rank) -> tuple[np.ndarray, np.ndarray]:
+def _cached_statistics(run_dir: Path, store, dataset_id, nfft, nhop, rank,
+                       split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     path = run_dir / "input_stats.npz"
     if path.exists():
         with np.load(path) as z:
             if int(z["nfft"]) == nfft and int(z["nhop"]) == nhop:
                 return z["mean"], z["std"]
-    mean, std = input_statistics(store, dataset_id, nfft, nhop)
+    mean, std = input_statistics(store, dataset_id, nfft, nhop, split=split)
     if rank == 0:
         tmp = run_dir / f".input_stats.{os.getpid()}.npz"
         np.savez(tmp, mean=mean, std=std, nfft=nfft, nhop=nhop)
@@ -699,6 +700,22 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
                             f"start over with resume=False (`train-base --fresh`)")
 
 
+def fit_and_select_splits(store: StemStore, dataset_id: str,
+                          select_split: str | None) -> tuple[str, str]:
+    """(split trained on, split whose loss picks the best epoch) for train-base."""
+    from pipeline.splits import SELECT
+
+    if select_split is None:
+        select_split = "valid" if store.tracks(dataset_id, "valid") else "train"
+    if select_split not in ("valid", "test", "train", SELECT):
+        raise PipelineError(f"select split '{select_split}': choose valid, {SELECT} (a fixed "
+                            f"tenth of train, the rest trains) or train")
+    if not store.tracks(dataset_id, select_split):
+        raise PipelineError(f"dataset {dataset_id}: no tracks in the '{select_split}' split to "
+                            f"select the best epoch on")
+    return ("fit" if select_split == SELECT else "train"), select_split
+
+
 def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "small",
                run_dir: str | Path = "runs/base", *, targets: Sequence[str] | None = None,
                seed: int = 0, epochs: int | None = None, batch_size: int | None = None,
@@ -706,14 +723,15 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                lr: float | None = None, arch: str | None = None, xumx_loss: str | None = None,
                model_options: dict | None = None, train_options: dict | None = None,
                device: str | None = None, resume: bool = True, amp: str = "off",
-               num_workers: int = 0, progress: bool = True,
+               num_workers: int = 0, progress: bool = True, select_split: str | None = None,
                command: str | None = None) -> BaseTrainResult:
     """Train a base separator of one family on a dataset of the stem store; export it.
 
     Args:
         store: the stem store holding the dataset (`pipeline cache --dataset ...` ingests it).
         dataset_id: the dataset's id in the store; its `train` split trains, its `valid` split
-            validates (the train split's fixed crops when it has no valid tracks).
+            validates (the train split's fixed crops when it has no valid tracks), unless
+            `select_split` says otherwise.
         family: 'umx' (Open-Unmix), 'xumx' (X-UMX) or 'demucs' (HDemucs / HTDemucs).
         preset: 'tiny' (tests), 'small' (~15 min per model on 2 CPU cores at 44.1 kHz) or
             'paper' (the published configurations, for GPUs). See PRESETS.
@@ -741,6 +759,10 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             under autocast (their complex spectrogram branch needs float32).
         num_workers: DataLoader worker processes.
         progress: show the progress bar.
+        select_split: the split whose loss picks the best epoch: 'valid' (default when the
+            dataset has one), 'select' (a fixed tenth of train, see pipeline.splits; training
+            then uses the rest of train, 'fit': for data whose valid split is the evaluation
+            split) or 'train'. Recorded in config.json with the held-out track names.
         command: the command line recorded in MODEL.md (default: this process's argv).
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
@@ -763,10 +785,10 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     if family == "demucs" and amp != "off":
         raise PipelineError("demucs: train with amp='off' (HDemucs/HTDemucs build complex "
                             "spectrograms from their outputs, which autocast's half types break)")
-    train_tracks = store.tracks(dataset_id, "train")
+    train_split, valid_split = fit_and_select_splits(store, dataset_id, select_split)
+    train_tracks = store.tracks(dataset_id, train_split)
     if not train_tracks:
-        raise PipelineError(f"dataset {dataset_id}: no tracks in the 'train' split")
-    valid_split = "valid" if store.tracks(dataset_id, "valid") else "train"
+        raise PipelineError(f"dataset {dataset_id}: no tracks in the '{train_split}' split")
 
     model_opts = dict(model_options or {})
     if arch is not None:
@@ -782,7 +804,9 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     config = resolve_config(family, preset, sample_rate=int(info["sample_rate"]),
                             n_train_tracks=len(train_tracks), targets=targets,
                             model_options=model_opts, train_options=train_opts)
-    config.update(seed=int(seed), dataset_id=dataset_id)
+    config.update(seed=int(seed), dataset_id=dataset_id,
+                  splits={"fit": train_split, "select": valid_split,
+                          "select_tracks": [x.name for x in store.tracks(dataset_id, valid_split)]})
     t = config["train"]
 
     rank = int(os.environ.get("RANK", "0"))
@@ -802,7 +826,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     # data
     with_rest = family == "xumx"
     train_data = RandomMixes(store, dataset_id, targets=targets, segment=t["segment_samples"],
-                             length=t["examples_per_epoch"], augment=Augment(
+                             split=train_split, length=t["examples_per_epoch"], augment=Augment(
                                  **{**t["augment"], "gain": tuple(t["augment"]["gain"])}),
                              rest=with_rest)
     vseg = int(round((t["valid_segment"] or t["segment"]) * config["sample_rate"]))
@@ -813,7 +837,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     stats = None
     if family in ("umx", "xumx"):
         stats = _cached_statistics(run_dir, store, dataset_id, config["model"]["nfft"],
-                                   config["model"]["nhop"], rank)
+                                   config["model"]["nhop"], rank, split=train_split)
     torch.manual_seed(seed)
     net, loss_fn, bare = build(config, stats)
 

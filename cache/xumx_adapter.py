@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from cache.base import MaskingSeparator, resolve_niter
-from cache.registry import cached_checksum, hub_checkpoints_dir, missing_weights_error, pick_options
+from cache.base import MaskingSeparator, pick_options, resolve_niter
+from cache.weights import cached_checksum, hub_checkpoints_dir, missing_weights_error
 from pipeline.errors import PipelineError
 
 FAMILY = "xumx"

@@ -1,7 +1,6 @@
 """The `pipeline` command line: one command per stage; stages talk only through the work folder."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -9,7 +8,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from pipeline.config import store_dir, work_dir
+from pipeline.config import default_device, store_dir, work_dir
+from pipeline.datasets import SYNTHETIC, open_dataset_spec
 from pipeline.errors import PipelineError
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
@@ -24,25 +24,11 @@ _state = {"debug": False}
 
 WorkOpt = typer.Option(None, "--work", envvar="PIPELINE_WORK",
                        help="Work folder for all outputs (default ./work).")
-SYNTHETIC = "synthetic"
 
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
     _state["debug"] = debug
-
-
-def open_dataset_spec(spec: str, work: Path):
-    """A dataset path, or 'synthetic' for the embedded dataset in the work folder."""
-    from pipeline.datasets import open_dataset
-
-    if spec == SYNTHETIC:
-        root = work / "data" / SYNTHETIC
-        if not (root / "dataset.json").exists():
-            raise PipelineError(f"{root}: the synthetic dataset is not generated yet; "
-                                f"run `pipeline make-dataset` first")
-        return open_dataset(root)
-    return open_dataset(spec)
 
 
 @app.command("make-dataset")
@@ -116,14 +102,6 @@ def cache(
             console.print(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, "
                           f"{s['skipped']} already cached, {s['seconds']:.1f} s "
                           f"({s['realtime']:.2f}x real time)")
-
-
-def default_device() -> str:
-    import torch
-
-    if os.environ.get("LOCAL_RANK") is not None and torch.cuda.is_available():
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @cache_app.command("import")
@@ -281,6 +259,7 @@ def train_base_cmd(
     segment: Optional[float] = typer.Option(None, help="Training crop, seconds (override the preset)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (override the preset)."),
     seed: int = typer.Option(0, help="Random seed (weights, data order, augmentation)."),
+    select_split: Optional[str] = typer.Option(None, "--select-split", help="Split whose loss picks the best epoch: valid (default when the dataset has one), select (a fixed tenth of train; the rest trains) or train."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     amp: str = typer.Option("off", help="Mixed precision on GPU: off, auto, bf16, fp16."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -300,7 +279,8 @@ def train_base_cmd(
                         targets=target or None, seed=seed, epochs=epochs, batch_size=batch,
                         segment=segment, lr=lr, arch=arch, xumx_loss=xumx_loss,
                         device=device or default_device(), resume=not fresh, amp=amp,
-                        num_workers=workers, command="pipeline " + " ".join(sys.argv[1:]))
+                        num_workers=workers, select_split=select_split,
+                        command="pipeline " + " ".join(sys.argv[1:]))
     console.print(f"model written to {result.model_dir} (best epoch {result.best_epoch}, "
                   f"valid loss {result.best_valid:.4g}); use it with `pipeline cache -m {result.model_dir}`")
 

@@ -25,3 +25,12 @@ def runs_dir(work: Path) -> Path:
 
 def reports_dir(work: Path) -> Path:
     return work / "reports"
+
+
+def default_device() -> str:
+    """cuda when available (cuda:LOCAL_RANK under torchrun), else cpu."""
+    import torch
+
+    if os.environ.get("LOCAL_RANK") is not None and torch.cuda.is_available():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,6 @@ official MUSDB18 train/valid split), the rest train; `test` is test.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -237,3 +236,17 @@ def open_dataset(root: str | Path) -> Dataset:
         return open_stem_folder(root)
     raise fail(root, "unknown dataset layout: expected MUSDB18 (ROOT/{train,test}/*.stem.mp4) or "
                      "stem folders (ROOT/{train,valid,test}/<track>/<source>.wav|.flac)")
+
+
+SYNTHETIC = "synthetic"   # the embedded generated dataset, in <work>/data/synthetic
+
+
+def open_dataset_spec(spec: str, work: Path) -> Dataset:
+    """A dataset path, or 'synthetic' for the embedded dataset in the work folder."""
+    if spec == SYNTHETIC:
+        root = work / "data" / SYNTHETIC
+        if not (root / "dataset.json").exists():
+            raise PipelineError(f"{root}: the synthetic dataset is not generated yet; "
+                                f"run `pipeline make-dataset` first")
+        return open_dataset(root)
+    return open_dataset(spec)

@@ -85,8 +85,8 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     from cache.store import StemStore, read_json
     from mixer.blend import search_blend
     from mixer.train import train_mixer
-    from pipeline.cli import default_device, open_dataset_spec
-    from pipeline.config import reports_dir, runs_dir, store_dir
+    from pipeline.config import default_device, reports_dir, runs_dir, store_dir
+    from pipeline.datasets import open_dataset_spec
     from reports.evaluate import evaluate
 
     t_start = time.perf_counter()

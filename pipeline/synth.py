@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from scipy import signal
-from tqdm import tqdm
+from pipeline.progress import progress_bar
 
 from pipeline.errors import PipelineError
 
@@ -1383,7 +1383,7 @@ def generate_dataset(out: Path, seed: int = 0, n_train: int = 28, n_valid: int =
     jobs = [(str(out), int(seed), split, i, float(duration), int(sample_rate))
             for split, count in zip(SPLITS, (n_train, n_valid, n_test)) for i in range(count)]
     workers = _worker_count(len(jobs), duration)
-    with _pool(workers) as pool, tqdm(total=len(jobs), desc="synthetic dataset", unit="track",
+    with _pool(workers) as pool, progress_bar(total=len(jobs), desc="synthetic dataset", unit="track",
                                       disable=not progress) as bar:
         tracks = []
         for meta in (pool.imap(_make_track, jobs) if pool else map(_make_track, jobs)):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
 from pipeline.errors import PipelineError
 
@@ -172,7 +172,7 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
     per_epoch = math.ceil(len(sampler) / batch_size)
     if max_batches_per_epoch:
         per_epoch = min(per_epoch, max_batches_per_epoch)
-    bar = tqdm(total=per_epoch * (epochs - start), disable=not progress or rank != 0,
+    bar = progress_bar(total=per_epoch * (epochs - start), disable=not progress or rank != 0,
                desc=f"{run_dir.name}", unit="batch", dynamic_ncols=True)
 
     for epoch in range(start, epochs):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from pipeline.progress import progress_bar
 
 from cache.store import StemStore, TrackEntry, read_json, sha256_file, write_json_atomic
 from pipeline.errors import PipelineError
@@ -174,7 +174,7 @@ def score_systems(store: StemStore, dataset_id: str, systems: list[System], trac
     info = store.dataset_info(dataset_id)
     targets, rate = info["sources"], info["sample_rate"]
     frames, todo = [], [(s, t) for s in systems for t in tracks]
-    with tqdm(total=len(todo), desc="evaluate", unit="track", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="evaluate", unit="track", disable=not progress) as bar:
         for system, t in todo:
             key = system.key(t)
             scores = cache.get(key)

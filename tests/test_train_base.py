@@ -265,3 +265,28 @@ def test_bad_requests_are_one_line_errors(tiny, tmp_path):
         train_base(store, ds, "demucs", "huge", tmp_path)
     with pytest.raises(PipelineError, match="not in the store"):
         train_base(store, "nope", "umx", "tiny", tmp_path)
+
+
+def test_select_split_trains_on_fit_and_never_reads_valid(tiny, tmp_path, monkeypatch):
+    """--select-split select: the best epoch is picked on a fixed slice of train, the rest of
+    train trains, and no valid track is ever read (its audio never leaves the store)."""
+    store, ds_id = tiny
+    valid = {t.id for t in store.tracks(ds_id, "valid")}
+    read = []
+    orig = StemStore._track_audio
+
+    def spy(self, dataset_id, track):
+        read.append(track.id if hasattr(track, "id") else track)
+        return orig(self, dataset_id, track)
+
+    monkeypatch.setattr(StemStore, "_track_audio", spy)
+    res = train_base(store, ds_id, "umx", "tiny", tmp_path / "run", select_split="select",
+                     device="cpu", progress=False)
+    splits = res.config["splits"]
+    assert splits["fit"] == "fit" and splits["select"] == "select"
+    assert splits["select_tracks"] == [t.name for t in store.tracks(ds_id, "select")]
+    assert read and not valid & set(read)
+    assert set(read) == {t.id for t in store.tracks(ds_id, "train")}
+    with pytest.raises(PipelineError, match="select split 'bogus'"):
+        train_base(store, ds_id, "umx", "tiny", tmp_path / "run2", select_split="bogus",
+                   device="cpu", progress=False)
