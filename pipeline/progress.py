@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -49,11 +50,24 @@ class progress_bar(tqdm):
             kwargs.setdefault("ncols", 100)
         super().__init__(*args, **kwargs)
 
+    _printed_at = None
+    _closing = False
+
     def display(self, msg=None, pos=None):
         if not self._plain:
             return super().display(msg, pos)
+        now = time.monotonic()
+        # set_postfix / refresh force a redraw; a log line still waits for the interval
+        if (not self._closing and self._printed_at is not None
+                and now - self._printed_at < self.mininterval):
+            return True
         text = self.__str__() if msg is None else msg
         if text.strip():
+            self._printed_at = now
             self.fp.write(text.strip() + "\n")
             self.fp.flush()
         return True
+
+    def close(self):
+        self._closing = True
+        super().close()

@@ -14,7 +14,8 @@ def test_plain_lines_off_a_terminal(monkeypatch):
     out = io.StringIO()
     with progress.progress_bar(total=2000, desc="cache", unit="s audio", file=out,
                                mininterval=0.05) as bar:
-        for _ in range(20):
+        for i in range(20):
+            bar.set_postfix_str(f"track {i}")   # forces a redraw on a terminal
             bar.update(100)
             time.sleep(0.01)
     text = out.getvalue()
