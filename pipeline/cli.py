@@ -202,6 +202,10 @@ def _print_listening(listening: Optional[dict]) -> None:
                       f"at {listening['kbps']} kbit/s, {listening['encoded']} newly encoded; open it "
                       f"in a browser): {listening['path']}",
                       highlight=False, soft_wrap=True)
+        if listening["bytes"] > listening["max_mb"] * 1e6:
+            console.print(f"note: over the {listening['max_mb']:g} MB budget even at the lowest bitrate; "
+                          f"`pipeline report` can choose fewer tracks (--track), systems (--system) or a "
+                          f"shorter --excerpt", highlight=False, soft_wrap=True)
 
 
 @app.command("demo")
@@ -442,10 +446,10 @@ def report_cmd(
     target: str = typer.Argument(..., help="Report folder, report name under <work>/reports, or a mixer run that one report evaluates."),
     track: List[str] = typer.Option([], "--track", "-t", help="Tracks to listen to (default: every evaluated track). Repeatable."),
     system: List[str] = typer.Option([], "--system", "-s", help="Systems to listen to (default: all). Repeatable."),
-    excerpt: float = typer.Option(10.0, help="Seconds of each track around its loudest part; 0: whole tracks."),
-    whole_below: float = typer.Option(30.0, help="Tracks shorter than this many seconds are played whole."),
-    kbps: int = typer.Option(48, help="Opus bitrate in kbit/s (lowered to fit --max-mb)."),
-    max_mb: float = typer.Option(150.0, help="Size budget of the audio in MB."),
+    excerpt: float = typer.Option(10.0, min=0, help="Seconds of each track around its loudest part; 0: whole tracks."),
+    whole_below: float = typer.Option(30.0, min=0, help="Tracks shorter than this many seconds are played whole."),
+    kbps: int = typer.Option(48, min=6, max=256, help="Opus bitrate in kbit/s (lowered to fit --max-mb)."),
+    max_mb: float = typer.Option(150.0, min=0.001, help="Size budget of the audio in MB."),
     device: Optional[str] = typer.Option(None, help="Device for mixers."),
     work: Optional[Path] = WorkOpt,
 ):

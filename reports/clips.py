@@ -1,12 +1,14 @@
 """Compressed audio excerpts for the listening report: which part of a track, encoded how.
 
-Every clip is Opus in Ogg, encoded by the ffmpeg binary at a constrained bitrate, so a report's
-size is known before anything is encoded: at most seconds of audio x `bytes_per_second(kbps)`
-(kbit/s x 125, plus 4 % for Ogg framing and VBR overshoot; white noise, the worst case,
-measures 2.7 %). At the defaults (10 s excerpts, 48 kbit/s: 6.24 kB/s) a report over 50 tracks
-x 8 systems x 4 sources holds 50 x (1 mixture + 4 references + 32 estimates) = 1850 clips =
-18 500 s of audio = at most 115 MB; whole tracks (shorter than 30 s) can be up to 3x longer,
-and then the bitrate is lowered to fit the budget (150 MB by default, never below 24 kbit/s).
+Every clip is Opus in WebM (the one Opus container that Chrome, Firefox and Safari >= 17 all
+play; Safari plays no Ogg), encoded by the ffmpeg binary at a constrained bitrate, so a
+report's size is known before anything is encoded: at most seconds of audio x
+`bytes_per_second(kbps)` (kbit/s x 125, plus 9 % for WebM framing and VBR overshoot; white
+noise, the worst case, measures +7.6 %). At the defaults (10 s excerpts, 48 kbit/s: 6.54 kB/s) a
+report over 50 tracks x 8 systems x 4 sources holds 50 x (1 mixture + 4 references + 32
+estimates) = 1850 clips = 18 500 s of audio = at most 121 MB; whole tracks (shorter than 30 s)
+can be up to 3x longer, and then the bitrate is lowered to fit the budget (150 MB by default,
+never below 24 kbit/s).
 
 Clips are named by a hash of their samples, so identical clips (the "best per source" copying a
 base model's stem, the mixture oracle copying the mixture) are stored once, and indexed by a key
@@ -30,13 +32,14 @@ EXCERPT_S = 10.0        # seconds of each track around its loudest part
 WHOLE_BELOW_S = 30.0    # tracks shorter than this are played whole
 KBPS = 48               # Opus stereo at 48 kbit/s: transparent enough to hear separation artefacts
 MIN_KBPS = 24           # the budget never pushes the bitrate below this
-OGG_OVERHEAD = 1.04     # Ogg pages, Opus headers, VBR overshoot: measured 1.027 on white noise
+OVERHEAD = 1.09         # WebM blocks and headers, VBR overshoot: measured 1.076 on white noise
+EXTENSION = ".webm"
 INDEX = "index.json"
 
 
 def bytes_per_second(kbps: int = KBPS) -> float:
     """The size of one second of one clip, container included (an upper bound for constrained VBR)."""
-    return kbps * 125 * OGG_OVERHEAD
+    return kbps * 125 * OVERHEAD
 
 
 def codec_args(kbps: int) -> list[str]:
@@ -67,7 +70,7 @@ def fit_kbps(seconds: float, max_mb: float, kbps: int = KBPS) -> int:
     """The bitrate that keeps `seconds` of clips under `max_mb` megabytes (never below MIN_KBPS)."""
     if seconds * bytes_per_second(kbps) <= max_mb * 1e6:
         return kbps
-    return max(MIN_KBPS, int(max_mb * 1e6 / (seconds * bytes_per_second(1))))
+    return min(kbps, max(MIN_KBPS, int(max_mb * 1e6 / (seconds * bytes_per_second(1)))))
 
 
 def require_ffmpeg(where) -> str:
@@ -80,11 +83,11 @@ def require_ffmpeg(where) -> str:
 
 
 def encode_opus(audio: np.ndarray, rate: int, path: Path, kbps: int = KBPS) -> None:
-    """[channels, n] float -> an Ogg Opus file, written atomically."""
+    """[channels, n] float -> an Opus file in WebM, written atomically."""
     audio = np.ascontiguousarray(np.asarray(audio, dtype="<f4").T)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     cmd = [require_ffmpeg(path), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(rate),
-           "-ac", str(audio.shape[1]), "-i", "pipe:0", *codec_args(kbps), "-f", "ogg", str(tmp)]
+           "-ac", str(audio.shape[1]), "-i", "pipe:0", *codec_args(kbps), "-f", "webm", str(tmp)]
     proc = subprocess.run(cmd, input=audio.tobytes(), capture_output=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -124,7 +127,7 @@ class ClipFolder:
         audio = np.array(audio, dtype=np.float32)   # a copy: the whole track it came from may go
         digest = hashlib.sha256(repr((audio.shape, rate, codec_args(self.kbps))).encode())
         digest.update(np.ascontiguousarray(audio).tobytes())
-        name = f"{digest.hexdigest()[:16]}.opus"
+        name = f"{digest.hexdigest()[:16]}{EXTENSION}"
         if not (self.folder / name).exists() and name not in self._pending:
             self._pending[name] = self._pool.submit(encode_opus, audio, rate, self.folder / name, self.kbps)
             self.encoded += 1
@@ -142,16 +145,20 @@ class ClipFolder:
         write_json_atomic(path, value)
         return value
 
+    def save_index(self) -> None:
+        """Safe at any time: entries whose file is not (yet) there are dropped when read."""
+        write_json_atomic(self.folder / INDEX, self.index)
+
     def flush(self) -> None:
-        """Wait for the encoders and save the index (called per track: an interrupted build
-        keeps every finished clip)."""
+        """Wait for the encoders (raising their errors) and save the index."""
         for future in self._pending.values():
             future.result()
         self._pending.clear()
-        write_json_atomic(self.folder / INDEX, self.index)
+        self.save_index()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)   # an interrupted build still finishes the clips under way
+        # an interrupted build finishes the clips under way and drops the queued ones
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> int:
         """Flush, delete the files this report no longer uses; returns the folder's size in bytes."""

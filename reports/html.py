@@ -186,7 +186,7 @@ def write_page(out: Path, info: dict, *, split: str, kinds: dict[str, str],
 </head><body>
 <header><h1>Listening report: {_e(title)}</h1>
 <p>{_e(info.get('root', ''))} ({_e(info.get('kind', ''))}), {n_eval} tracks evaluated, {len(tracks)} to listen to,
-{info['sample_rate']} Hz; audio: Opus {kbps} kbit/s.</p></header>
+{info['sample_rate']} Hz; audio: Opus {kbps} kbit/s in WebM.</p></header>
 <section id="scores"><h2>Scores</h2>
 <p class="hint">Click a column heading to sort.</p>
 {summary_table(out, targets, kinds)}

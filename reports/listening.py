@@ -17,7 +17,8 @@ from cache.store import StemStore, TrackEntry, read_json
 from mixer.inputs import CHANNELS
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
-from reports.clips import EXCERPT_S, KBPS, WHOLE_BELOW_S, ClipFolder, excerpt_window, fit_kbps
+from reports.clips import (EXCERPT_S, EXTENSION, KBPS, WHOLE_BELOW_S, ClipFolder, excerpt_window,
+                           fit_kbps)
 from reports.html import write_page
 
 MAX_MB = 150.0
@@ -94,6 +95,7 @@ class ListeningBuild:
                                                options.excerpt, options.whole_below) for t in self.tracks}
         clips_per_track = 1 + len(self.targets) + sum(len(s.targets) for s in self.listened)
         self.seconds = sum(n for _, n in self.windows.values()) / self.rate * clips_per_track
+        self.max_mb = options.max_mb
         self.clips = ClipFolder(self.out / "audio", fit_kbps(self.seconds, options.max_mb, options.kbps))
 
     def _keys(self, system, track: TrackEntry) -> dict[str, str]:
@@ -105,8 +107,10 @@ class ListeningBuild:
         if track.name not in self.windows or all(s is not system for s in self.listened):
             return None
         start, length = self.windows[track.name]
-        return {target: self.clips.add(key, est[i][:, start:start + length], self.rate)
-                for i, (target, key) in enumerate(self._keys(system, track).items())}
+        names = {target: self.clips.add(key, est[i][:, start:start + length], self.rate)
+                 for i, (target, key) in enumerate(self._keys(system, track).items())}
+        self.clips.save_index()    # an interrupted evaluation keeps what was encoded so far
+        return names
 
     def _weights(self, system, t: TrackEntry, mixers: dict, device) -> dict:
         start, length = self.windows[t.name]
@@ -146,7 +150,7 @@ class ListeningBuild:
         try:
             for t in progress_bar(self.tracks, desc="listening report", unit="track", disable=not progress):
                 page_tracks.append(self._track(t, mixers, device))
-                self.clips.flush()         # an interrupted build keeps every finished track's clips
+                self.clips.flush()
             audio_bytes = self.clips.close()
         finally:
             self.clips.shutdown()
@@ -155,5 +159,6 @@ class ListeningBuild:
                           listened=[(s.name, list(s.targets)) for s in self.listened],
                           tracks=page_tracks, kbps=self.clips.kbps)
         return {"path": page, "bytes": audio_bytes + page.stat().st_size, "kbps": self.clips.kbps,
-                "clips": sum(n.endswith(".opus") for n in self.clips.used), "encoded": self.clips.encoded,
-                "tracks": len(self.tracks), "systems": len(self.listened), "seconds": self.seconds}
+                "clips": sum(n.endswith(EXTENSION) for n in self.clips.used), "encoded": self.clips.encoded,
+                "tracks": len(self.tracks), "systems": len(self.listened), "seconds": self.seconds,
+                "max_mb": self.max_mb}
