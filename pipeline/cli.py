@@ -11,6 +11,7 @@ from rich.console import Console
 from pipeline.config import default_device, store_dir, work_dir
 from pipeline.datasets import SYNTHETIC, open_dataset_spec
 from pipeline.errors import PipelineError
+from reports.clips import EXCERPT_S, KBPS, MAX_MB, WHOLE_BELOW_S
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
                   help="Ensemble music source separators: cache base models' stems, blend / learn "
@@ -446,10 +447,10 @@ def report_cmd(
     target: str = typer.Argument(..., help="Report folder, report name under <work>/reports, or a mixer run that one report evaluates."),
     track: List[str] = typer.Option([], "--track", "-t", help="Tracks to listen to (default: every evaluated track). Repeatable."),
     system: List[str] = typer.Option([], "--system", "-s", help="Systems to listen to (default: all). Repeatable."),
-    excerpt: float = typer.Option(10.0, min=0, help="Seconds of each track around its loudest part; 0: whole tracks."),
-    whole_below: float = typer.Option(30.0, min=0, help="Tracks shorter than this many seconds are played whole."),
-    kbps: int = typer.Option(48, min=6, max=256, help="Opus bitrate in kbit/s (lowered to fit --max-mb)."),
-    max_mb: float = typer.Option(150.0, min=0.001, help="Size budget of the audio in MB."),
+    excerpt: float = typer.Option(EXCERPT_S, min=0, help="Seconds of each track around its loudest part; 0: whole tracks."),
+    whole_below: float = typer.Option(WHOLE_BELOW_S, min=0, help="Tracks shorter than this many seconds are played whole."),
+    kbps: int = typer.Option(KBPS, min=6, max=256, help="Opus bitrate in kbit/s (lowered to fit --max-mb)."),
+    max_mb: float = typer.Option(MAX_MB, min=0.001, help="Size budget of the audio in MB."),
     device: Optional[str] = typer.Option(None, help="Device for mixers."),
     work: Optional[Path] = WorkOpt,
 ):

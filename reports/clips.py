@@ -32,6 +32,7 @@ EXCERPT_S = 10.0        # seconds of each track around its loudest part
 WHOLE_BELOW_S = 30.0    # tracks shorter than this are played whole
 KBPS = 48               # Opus stereo at 48 kbit/s: transparent enough to hear separation artefacts
 MIN_KBPS = 24           # the budget never pushes the bitrate below this
+MAX_MB = 150.0          # the default size budget of a report's audio
 OVERHEAD = 1.09         # WebM blocks and headers, VBR overshoot: measured 1.076 on white noise
 EXTENSION = ".webm"
 INDEX = "index.json"

@@ -150,7 +150,7 @@ def track_section(i: int, track: dict, targets: list[str], listened: list[tuple[
     weights = "".join(f'<figure class="weights" data-w="{k}"><figcaption>{_e(w["system"])}: W_k over '
                       f'the excerpt (lines: weight of each input for its own target, mean of L and R; '
                       f'matrix: W_k at the play position, rows inputs, columns outputs)</figcaption>'
-                      f'<canvas class="lines"></canvas><canvas class="matrix"></canvas></figure>'
+                      f'<div class="plots"><canvas class="lines"></canvas><canvas class="matrix"></canvas></div></figure>'
                       for k, w in enumerate(track["weights"]))
     return f"""<details class="track" data-index="{i}" data-duration="{dur:.6f}"{" open" if i == 0 else ""}>
 <summary><span class="name">{_e(name)}</span> <span class="span">{span}</span></summary>
