@@ -307,7 +307,7 @@ def test_report_in_a_browser(evaluation, browser, tmp_path):
     state = "return Array.from(document.querySelectorAll('details.track')).map(d => [Number(d.dataset.duration), " \
             "new Set(Array.from(d.querySelectorAll('a.clip')).map(a => a.getAttribute('href'))).size, " \
             "Array.from(d.querySelectorAll('audio')).map(a => [a.readyState, a.duration, a.error && a.error.code])])"
-    wait_for(driver, state.replace("return ", "return !") + ".some(([d, n, as]) => as.some(a => a[0] < 2))")
+    wait_for(driver, state + ".every(([d, n, as]) => as.length === n && as.every(a => a[0] >= 2))")
     tracks = driver.execute_script(state)
     assert len(tracks) == 2
     for duration, distinct, audios in tracks:
@@ -341,6 +341,16 @@ def test_report_in_a_browser(evaluation, browser, tmp_path):
         "var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, n = 0;"
         "for (var i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })")
     assert len(drawn) == 4 and min(drawn) > 500, drawn
+
+    # a closed track frees its media players; opened again, it has them back
+    second = driver.find_elements("css selector", "details.track")[1]
+    count = "return arguments[0].querySelectorAll('audio').length"
+    second.find_element("css selector", "summary").click()
+    assert wait_for(driver, count.replace("length", "length === 0"), 5, second)
+    second.find_element("css selector", "summary").click()
+    assert wait_for(driver, count.replace("length", "length === " + str(tracks[1][1])), 5, second)
+    assert wait_for(driver, "return Array.from(arguments[0].querySelectorAll('audio')).every(a => a.readyState >= 2)",
+                    20, second)
 
     artifacts = Path(os.environ.get("TEST_ARTIFACTS") or REPO / "work" / "test-artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@
       });
     });
     details.addEventListener("toggle", function () {
-      if (details.open) { self.init(); self.update(); } else if (self.current) { self.current.pause(); }
+      if (details.open) { self.init(); self.update(); } else { self.release(); }
     });
   }
   Player.prototype.init = function () {   // audio elements only for tracks someone opens
@@ -88,6 +88,20 @@
     });
     this.el.appendChild(box);
     this.select(this.el.querySelector("a.clip"), false);
+  };
+  Player.prototype.release = function () {   // a closed track frees its media players
+    var self = this;
+    Object.keys(this.audios).forEach(function (href) {
+      var au = self.audios[href];
+      au.pause();
+      au.removeAttribute("src");
+      au.load();
+    });
+    each(this.el, "div.audios", function (box) { box.remove(); });
+    if (this.cell) this.cell.classList.remove("active");
+    this.audios = {};
+    this.current = this.cell = null;
+    if (active === this) active = null;
   };
   Player.prototype.select = function (a, play) {
     var au = this.audios[a.getAttribute("href")], prev = this.current;
