@@ -41,12 +41,15 @@ def _fmt(v, spec="{:.2f}") -> str:
     return "—" if v is None or pd.isna(v) else spec.format(v)
 
 
+def _attr(name: str, value) -> str:
+    return f' {name}="{_e(value)}"' if value else ""
+
+
 def _table(table_id: str, header: list[str], rows: list[list[tuple[str, str, str]]], caption="") -> str:
     """A sortable table; each cell (text, sort value, css class)."""
     head = "".join(f'<th scope="col" tabindex="0">{_e(h)}</th>' for h in header)
-    body = "\n".join("<tr>" + "".join(
-        f'<td data-v="{_e(v)}"{f" class={chr(34)}{c}{chr(34)}" if c else ""}>{_e(t)}</td>'
-        for t, v, c in row) + "</tr>" for row in rows)
+    body = "\n".join("<tr>" + "".join(f'<td data-v="{_e(v)}"{_attr("class", c)}>{_e(t)}</td>'
+                                       for t, v, c in row) + "</tr>" for row in rows)
     cap = f"<caption>{caption}</caption>" if caption else ""
     return (f'<table class="sortable" id="{table_id}">{cap}<thead><tr>{head}</tr></thead>'
             f"<tbody>\n{body}\n</tbody></table>")
@@ -128,7 +131,7 @@ def track_section(i: int, track: dict, targets: list[str], listened: list[tuple[
 
     def clip(href, label, text, title=""):
         return (f'<a class="clip" href="audio/{_e(href)}" data-label="{_e(label)}"'
-                f'{f" title={chr(34)}{_e(title)}{chr(34)}" if title else ""}>{_e(text)}</a>')
+                f'{_attr("title", title)}>{_e(text)}</a>')
 
     head = "".join(f"<th>{_e(t)}</th>" for t in targets)
     rows = [f'<tr><th>mixture</th><td colspan="{len(targets)}">'
