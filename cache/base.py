@@ -1,6 +1,6 @@
 """What a base separator is, for the cache: named stereo stems out of a stereo mixture.
 
-One adapter module per family (demucs_adapter, openunmix_adapter, xumx_adapter, ...) builds a
+One module per family (cache/families/: demucs, umx, xumx, msst, uvr, plugin) builds a
 `Separator`; `cache.registry` maps user-facing names to adapters.
 """
 from __future__ import annotations

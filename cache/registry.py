@@ -39,7 +39,7 @@ XUMX_NAMES = ("xumx",)
 # --------------------------------------------------------------------------------------------
 
 def demucs_names() -> list[str]:
-    from cache.demucs_adapter import pretrained_names
+    from cache.families.demucs import pretrained_names
 
     return pretrained_names()
 
@@ -65,7 +65,7 @@ def detect_family(folder: Path) -> str:
     if any(p.suffix == ".th" for p in files):
         return "demucs"
     if any(p.suffix == ".yaml" for p in files):
-        from cache.demucs_adapter import is_bag_yaml
+        from cache.families.demucs import is_bag_yaml
 
         if any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"):
             return "demucs"
@@ -82,18 +82,18 @@ def detect_family(folder: Path) -> str:
 def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
     family = detect_family(folder)
     if family == "demucs":
-        from cache.demucs_adapter import load_demucs, pick_local_name
+        from cache.families.demucs import load_demucs, pick_local_name
 
         return load_demucs(name or pick_local_name(folder), repo=folder, offline=offline,
                            device=device, options=options, label=label)
     if name is not None:
         raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
     if family == "openunmix":
-        from cache.openunmix_adapter import load_openunmix
+        from cache.families.umx import load_openunmix
 
         return load_openunmix(str(folder), device=device, offline=offline, options=options,
                               label=label)
-    from cache.xumx_adapter import load_xumx
+    from cache.families.xumx import load_xumx
 
     pth = next(p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth")
     return load_xumx(pth, device=device, options=options, label=label)
@@ -158,11 +158,11 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
             return _load_folder(path, None, device=dev, offline=offline, options=options,
                                 label=run_label(path))
         if path.suffix == ".pth":
-            from cache.xumx_adapter import load_xumx
+            from cache.families.xumx import load_xumx
 
             return load_xumx(path, device=dev, options=options)
         if path.suffix in (".th", ".yaml"):
-            from cache.demucs_adapter import load_demucs, sig_of
+            from cache.families.demucs import load_demucs, sig_of
 
             name = sig_of(path.name) if path.suffix == ".th" else path.stem
             return load_demucs(name, repo=path.parent, offline=offline, device=dev, options=options)
@@ -171,14 +171,14 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
         raise PipelineError(f"{spec}: no such file or folder")
 
     if spec in OPENUNMIX_NAMES:
-        from cache.openunmix_adapter import load_openunmix
+        from cache.families.umx import load_openunmix
 
         return load_openunmix(spec, device=dev, offline=offline, repo=repo_path, options=options)
     if spec in XUMX_NAMES:
-        from cache.xumx_adapter import load_xumx, locate_official_xumx
+        from cache.families.xumx import load_xumx, locate_official_xumx
 
         return load_xumx(locate_official_xumx(repo_path), device=dev, options=options, label=spec)
-    from cache.demucs_adapter import is_pretrained, load_demucs, local_has
+    from cache.families.demucs import is_pretrained, load_demucs, local_has
 
     if is_pretrained(spec) or (repo_path is not None and local_has(repo_path, spec)):
         return load_demucs(spec, repo=repo_path, offline=offline, device=dev, options=options)

@@ -109,7 +109,7 @@ def tiny_hdemucs(seed=0):
 
 def save_demucs(model, path: Path):
     """demucs.states.serialize_model's package + torch.save, as demucs's solver exports it."""
-    from cache.demucs_adapter import package_model
+    from cache.families.demucs import package_model
 
     pkg = package_model(model, {"model": type(model).__name__.lower(), "seed": 0})
     assert set(pkg) == {"klass", "args", "kwargs", "state", "training_args"}
@@ -120,7 +120,7 @@ def save_demucs(model, path: Path):
 
 @pytest.fixture(scope="module")
 def demucs_dirs(tmp_path_factory):
-    from cache.demucs_adapter import export_model
+    from cache.families.demucs import export_model
 
     root = tmp_path_factory.mktemp("demucs")
     save_demucs(tiny_htdemucs(), root / "single" / "tinyht.th")
@@ -245,7 +245,7 @@ def test_demucs_segment_longer_than_training_is_refused(demucs_dirs):
 def test_demucs_missing_pretrained_offline_fails_fast(empty_caches):
     import os
 
-    import cache.demucs_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.demucs  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -370,7 +370,7 @@ def test_openunmix_weights_checksum_changes_model_key(umx_dir, tmp_path):
 
 
 def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
-    import cache.openunmix_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.umx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -384,7 +384,7 @@ def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
 def test_openunmix_urls_match_the_package():
     import openunmix
 
-    from cache.openunmix_adapter import PRETRAINED_URLS
+    from cache.families.umx import PRETRAINED_URLS
 
     for name, urls in PRETRAINED_URLS.items():
         src = inspect.getsource(getattr(openunmix, f"{name}_spec"))
@@ -494,7 +494,7 @@ def test_xumx_checksum_and_residual(xumx_file, tmp_path):
 
 
 def test_xumx_official_name_needs_a_local_file(empty_caches, tmp_path):
-    import cache.xumx_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.xumx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
