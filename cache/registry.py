@@ -16,6 +16,13 @@ Two questions are kept apart, as in demucs's pretrained.py / repo.py:
     when it holds several), a `<sig>.th` / `<name>.yaml` file, an Open-Unmix model folder
     (`separator.json`, `<target>.json`, `<target>.pth`), an X-UMX `.pth` file (or a folder
     holding exactly one);
+  - an MSST model (cache.families.msst): `CONFIG.yaml:MODEL.ckpt` (optionally
+    `?model_type=TYPE&name=NAME`), or a folder holding one config .yaml and one .ckpt (what
+    `train-base --family roformer` writes);
+  - a UVR MDX-Net `.onnx` file (cache.families.uvr; parameters from UVR's model-data JSON next
+    to it, audio-separator's table, or `?dim_f=..&dim_t=..&n_fft=..&compensate=..&primary_stem=..`);
+  - a plugin (cache.families.plugin): `py:package.module:factory[?key=value...]` or
+    `entry:NAME` (a `pipeline.separators` entry point);
   - the name of a shipped checkpoint folder `cache/checkpoints/<name>/` (family detected from
     the files present; `MODEL.md` is the model card and is ignored here).
 """
@@ -62,6 +69,10 @@ def detect_family(folder: Path) -> str:
     names = {p.name for p in files}
     if "separator.json" in names:
         return "openunmix"
+    from cache.families.msst import folder_files
+
+    if folder_files(folder) is not None:
+        return "msst"
     if any(p.suffix == ".th" for p in files):
         return "demucs"
     if any(p.suffix == ".yaml" for p in files):
@@ -76,7 +87,8 @@ def detect_family(folder: Path) -> str:
         raise PipelineError(f"{folder}: several .pth files and no separator.json; pass the X-UMX "
                             f".pth file itself, or add separator.json for an Open-Unmix model")
     raise PipelineError(f"{folder}: no model files found (expected demucs <sig>.th / <name>.yaml, "
-                        f"Open-Unmix separator.json + <target>.json + <target>.pth, or an X-UMX .pth)")
+                        f"Open-Unmix separator.json + <target>.json + <target>.pth, an X-UMX .pth, "
+                        f"or an MSST config .yaml + checkpoint .ckpt)")
 
 
 def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
@@ -88,6 +100,11 @@ def _load_folder(folder: Path, name: str | None, *, device, offline, options, la
                            device=device, options=options, label=label)
     if name is not None:
         raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
+    if family == "msst":
+        from cache.families.msst import folder_files, load_msst
+
+        config, ckpt = folder_files(folder)
+        return load_msst(config, ckpt, device=device, label=label)
     if family == "openunmix":
         from cache.families.umx import load_openunmix
 
@@ -114,6 +131,47 @@ def _split_dir_name(spec: str) -> tuple[Path, str] | None:
     folder = Path(head).expanduser()
     if head and name and folder.is_dir():
         return folder, name
+    return None
+
+
+def parse_query(spec: str) -> tuple[str, dict[str, str]]:
+    """'BASE?key=value&key=value' -> (BASE, {key: value})."""
+    base, sep, query = spec.partition("?")
+    params: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PipelineError(f"{spec}: '{part}' is not key=value")
+        params[key] = value
+    return base, params
+
+
+def _load_special(spec: str, *, device, offline, options):
+    """The specs that name their format: py:... plugins, CONFIG.yaml:MODEL.ckpt (MSST), UVR
+    files (.onnx); None for everything else."""
+    from cache.families.msst import is_msst_spec
+
+    if spec.startswith("py:") or spec.startswith("entry:"):
+        from cache.families.plugin import load_plugin
+
+        return load_plugin(spec, device=device)
+    if is_msst_spec(spec):
+        from cache.families.msst import load_msst
+
+        base, params = parse_query(spec)
+        unknown = sorted(set(params) - {"model_type", "name"})
+        if unknown:
+            raise PipelineError(f"{spec}: unknown parameter(s) {', '.join(unknown)} "
+                                f"(known: model_type, name)")
+        config, ckpt = base.rsplit(":", 1)
+        return load_msst(Path(config).expanduser(), Path(ckpt).expanduser(), device=device,
+                         model_type=params.get("model_type"), label=params.get("name"))
+    base = spec.partition("?")[0]
+    if Path(base).suffix.lower() == ".onnx":
+        from cache.families.uvr import load_mdx_onnx
+
+        path, params = parse_query(spec)
+        return load_mdx_onnx(Path(path).expanduser(), params, device=device)
     return None
 
 
@@ -146,6 +204,9 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     if repo_path is not None and not repo_path.is_dir():
         raise PipelineError(f"--repo {repo}: not a folder")
 
+    special = _load_special(spec, device=dev, offline=offline, options=options)
+    if special is not None:
+        return special
     dir_name = _split_dir_name(spec)
     if dir_name is not None:
         folder, name = dir_name

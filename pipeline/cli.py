@@ -247,11 +247,11 @@ DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store i
 
 @app.command("train-base")
 def train_base_cmd(
-    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX) or demucs (HDemucs / HTDemucs)."),
+    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX), demucs (HDemucs / HTDemucs) or roformer (BS-/Mel-RoFormer, saved in MSST format)."),
     dataset: str = DatasetOpt,
     name: Optional[str] = typer.Option(None, help="Run name (default <family>-<preset>): <work>/runs/NAME."),
-    preset: str = typer.Option("small", help="tiny (tests), small (~15 min on 2 CPU cores), paper (GPU)."),
-    arch: Optional[str] = typer.Option(None, help="Demucs: hdemucs or htdemucs."),
+    preset: str = typer.Option("small", help="tiny (tests), small (~15-30 min on 2 CPU cores), paper (GPU)."),
+    arch: Optional[str] = typer.Option(None, help="Demucs: hdemucs or htdemucs; roformer: bs_roformer or mel_band_roformer."),
     xumx_loss: Optional[str] = typer.Option(None, help="X-UMX: magnitude (paper) or complex (Danna-Sep)."),
     target: List[str] = typer.Option([], "--target", help="Only these sources (default all)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (override the preset; raise it to train a finished run longer)."),
