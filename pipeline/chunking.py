@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-WINDOWS = ("hann", "flattop", "msst", "msst-demucs")
+WINDOWS = ("hann", "flattop", "msst", "msst-demucs", "uvr-mdx")
 
 
 def ola_window(segment: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -161,6 +161,29 @@ class _MSSTPlan(_Plan):
         return out
 
 
+class _UVRMDXPlan(_Plan):
+    """UVR's MDX-Net chunking as audio-separator's MDXSeparator.demix runs it: `trim` zeros in
+    front, zeros after the end up to a whole number of `segment - 2 * trim` plus `trim`, chunks
+    every hop; each chunk weighted by a symmetric Hann window as long as its part inside that
+    padded signal (np.hanning), the rest of a short last chunk zeros."""
+
+    def __init__(self, n: int, segment: int, hop: int, trim: int):
+        gen = segment - 2 * trim
+        if gen <= 0:
+            raise ValueError(f"uvr-mdx: segment {segment} must exceed 2 x trim ({trim})")
+        padded_len = n + trim + gen + trim - n % gen
+        super().__init__(n=n, segment=segment, hop=hop, pad=trim,
+                         starts=list(range(0, padded_len, hop)), padded_len=padded_len)
+
+    def weights(self, group):
+        out = []
+        for s in group:
+            real = min(self.segment, self.padded_len - s)
+            w = torch.hann_window(real, periodic=False, dtype=torch.float64).float()
+            out.append(torch.cat([w, w.new_zeros(self.segment - real)]))
+        return out
+
+
 def overlap_add(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x,
@@ -170,6 +193,7 @@ def overlap_add(
     *,
     window: str = "hann",
     overlap: int | None = None,
+    trim: int = 0,
     sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Apply `fn` to overlapping segments of `x` and cross-fade the results.
@@ -189,7 +213,8 @@ def overlap_add(
     window="msst": Music-Source-Separation-Training's chunked inference (see `_MSSTPlan`) with
     hop = segment // num_overlap (`hop` required); `batch` is MSST's inference.batch_size, which
     changes which windows lose their fades. window="msst-demucs": MSST's htdemucs mode (a plain
-    average of the segments' outputs, zero padding).
+    average of the segments' outputs, zero padding). window="uvr-mdx": UVR's MDX-Net chunking
+    (see `_UVRMDXPlan`; `trim` = n_fft // 2).
     Either way the result is divided by the summed window, so identity `fn` gives back `x` up to
     float rounding, the ends included, and segment borders carry no clicks.
     """
@@ -205,9 +230,9 @@ def overlap_add(
         w, pad = flattop_window(segment, overlap), 0
     elif overlap is not None:
         raise ValueError("`overlap` is for window='flattop'; the other windows take `hop`")
-    elif window in ("msst", "msst-demucs"):
+    elif window in ("msst", "msst-demucs", "uvr-mdx"):
         if hop is None:
-            raise ValueError("window='msst' needs `hop` (segment // num_overlap)")
+            raise ValueError(f"window='{window}' needs `hop`")
     else:
         hop = hop or segment // 4
         w, pad = ola_window(segment), segment - hop
@@ -215,6 +240,8 @@ def overlap_add(
         raise ValueError(f"hop must be in (0, segment], got hop={hop}, segment={segment}")
     if window in ("msst", "msst-demucs"):
         plan: _Plan = _MSSTPlan(n, segment, hop, fades=window == "msst")
+    elif window == "uvr-mdx":
+        plan = _UVRMDXPlan(n, segment, hop, trim=trim)
     else:
         total = n + 2 * pad
         n_seg = max(1, -(-(total - segment) // hop) + 1)

@@ -355,7 +355,7 @@ PRESETS = {
     # keeps the loss's spectral term at about +40 %.
     "small": dict(model=dict(_ROFORMER, multi_stft_resolutions_window_sizes=(2048,),
                              multi_stft_hop_size=1024),
-                  train=dict(segment=3.0, batch_size=4, epochs=12, samples_per_epoch=160,
+                  train=dict(segment=3.0, batch_size=4, epochs=12, samples_per_epoch=128,
                              lr=1e-3, weight_decay=0.0, grad_clip=5.0, valid_segment=6.0,
                              valid_max_items=16)),
     "paper": dict(model=dict(_ROFORMER, dim=384, depth=6, dim_head=64, heads=8,
