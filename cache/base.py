@@ -114,6 +114,18 @@ class MaskingSeparator(Separator):
         return overlap_add(self.separate_chunk, mixture, seg, hop=seg // 2)
 
 
+def parse_query(spec: str) -> tuple[str, dict[str, str]]:
+    """'BASE?key=value&key=value' -> (BASE, {key: value}): the parameters a model spec carries."""
+    base, _, query = spec.partition("?")
+    params: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PipelineError(f"{spec}: '{part}' is not key=value")
+        params[key] = value
+    return base, params
+
+
 def model_key(identity: dict) -> str:
     """`<name>-<12 hex>`: readable, and different whenever the identity differs."""
     blob = json.dumps(identity, sort_keys=True, default=str).encode()

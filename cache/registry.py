@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cache.base import parse_query
 from cache.weights import enable_offline
 from pipeline.errors import PipelineError
 
@@ -132,18 +133,6 @@ def _split_dir_name(spec: str) -> tuple[Path, str] | None:
     if head and name and folder.is_dir():
         return folder, name
     return None
-
-
-def parse_query(spec: str) -> tuple[str, dict[str, str]]:
-    """'BASE?key=value&key=value' -> (BASE, {key: value})."""
-    base, sep, query = spec.partition("?")
-    params: dict[str, str] = {}
-    for part in filter(None, query.split("&")):
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise PipelineError(f"{spec}: '{part}' is not key=value")
-        params[key] = value
-    return base, params
 
 
 def _load_special(spec: str, *, device, offline, options):
@@ -247,6 +236,12 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     if shipped.is_dir():
         return _load_folder(shipped, None, device=dev, offline=offline, options=options, label=spec)
 
+    from cache.families.plugin import entry_point
+
+    if entry_point(spec) is not None:
+        from cache.families.plugin import load_plugin
+
+        return load_plugin(f"entry:{spec}", device=dev)
     known = known_names()
     listing = "; ".join(f"{fam}: {', '.join(names) if names else '(none)'}"
                         for fam, names in known.items())

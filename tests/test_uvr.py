@@ -8,7 +8,6 @@ STFT/ONNX/ISTFT rounding, the same operations in another order).
 """
 import json
 import logging
-import socket
 import time
 
 import numpy as np
@@ -21,20 +20,13 @@ from cache.inference import separate_array
 from cache.registry import load_separator
 from pipeline.errors import PipelineError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_network")
 
 DIM_F, DIM_T, N_FFT = 128, 16, 2048     # chunk = 1024 x 15 samples, trim 1024
 DATA = {"compensate": 1.035, "mdx_dim_f_set": DIM_F, "mdx_dim_t_set": 4,
         "mdx_n_fft_scale_set": N_FFT, "primary_stem": "Vocals"}
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="module")
