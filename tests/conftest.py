@@ -26,12 +26,16 @@ def write_stem_track(root: Path, subset: str, name: str, sources=("drums", "bass
     return stems
 
 
+def write_four_tracks(root: Path, n=8000, rate=8000) -> Path:
+    """Two train tracks, one valid, one test (noise stems); returns root."""
+    for i, subset in enumerate(["train", "train", "valid", "test"]):
+        write_stem_track(root, subset, f"track{i}", n=n, rate=rate, seed=i)
+    return root
+
+
 @pytest.fixture
 def stem_dataset(tmp_path):
-    root = tmp_path / "ds"
-    for i, subset in enumerate(["train", "train", "valid", "test"]):
-        write_stem_track(root, subset, f"track{i}", seed=i)
-    return root
+    return write_four_tracks(tmp_path / "ds")
 
 
 def run_cli(args, capsys):

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 
 from cache.registry import load_separator
-from conftest import write_stem_track
+from conftest import write_four_tracks
 from pipeline.errors import PipelineError
 from test_adapters import MUSDB, save_umx_folder
 from test_separate import cli
@@ -65,9 +65,7 @@ def test_plugin_from_an_entry_point(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("twostem")
-    ds = root / "ds"
-    for i, subset in enumerate(["train", "train", "valid", "test"]):
-        write_stem_track(ds, subset, f"track{i}", n=RATE, rate=RATE, seed=i)
+    ds = write_four_tracks(root / "ds", n=RATE, rate=RATE)
     umx = save_umx_folder(root / "models" / "umx4", MUSDB, seed=0)
     work = root / "work"
     assert cli("cache", "--dataset", ds, "-m", umx, "-m", PLUGIN, "--device", "cpu",
@@ -88,10 +86,12 @@ def test_two_and_four_stem_models_are_blended_mixed_and_evaluated(env, tmp_path)
 
     assert cli("blend", "-m", "umx4", "-m", "center", "--dataset", ds, "--step", 0.25,
                "--split", "train", "--work", work) == 0
-    weights = json.loads((work / "runs" / "blend" / "weights.json").read_text())
-    weights = weights.get("weights", weights)
-    assert set(weights["vocals"]) == {"umx4", "center"}       # both models have vocals
-    assert set(weights["drums"]) == {"umx4"}                  # only the four-stem one has drums
+    blend = json.loads((work / "runs" / "blend" / "weights.json").read_text())
+    weights = {m: dict(zip(blend["sources"], w)) for m, w in zip(blend["models"], blend["weights"])}
+    assert weights["center"]["vocals"] is not None            # both models have vocals ...
+    assert weights["umx4"]["vocals"] + weights["center"]["vocals"] == pytest.approx(1.0)
+    assert [weights["center"][s] for s in ("drums", "bass", "other")] == [None] * 3
+    assert [weights["umx4"][s] for s in ("drums", "bass", "other")] == [1.0] * 3   # ... only it
 
     assert cli("train-mixer", "-m", "umx4", "-m", "center", "--arch", "conv1x1", "--preset",
                "tiny", "--epochs", 1, "--shift", 1024, "--dataset", ds, "--device", "cpu",
