@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ class Skip(Exception):
 # ---- 1. the CUDA-marked tests -------------------------------------------------------------------
 def cuda_tests(dry_run: bool):
     if dry_run:   # no CUDA: only make sure there are CUDA-marked tests for the real run to select
-        marked = {p.name: p.read_text().count("@pytest.mark.cuda")
+        marked = {p.name: len(re.findall(r"^@pytest\.mark\.cuda$", p.read_text(), re.M))
                   for p in sorted((REPO / "tests").glob("test_*.py"))}
         marked = {k: v for k, v in marked.items() if v}
         if not marked:
@@ -190,11 +191,17 @@ def train_paper_mixer(cached, work: Path, device: str, full: bool, steps: int):
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    from mixer.models import PRESETS
+    from mixer.train import segment_offsets
+
+    preset = "paper" if full else "tiny"
     batch, epochs = 4, 3
-    shift = 2 ** 12 if full else 2 ** 8
-    per_epoch = -(-steps // epochs)
+    shift = 2 ** 11 if full else 2 ** 8
+    segments = sum(len(segment_offsets(t.length, PRESETS[preset]["T"], shift))
+                   for t in store.tracks(ds_id, "train"))
+    per_epoch = min(-(-steps // epochs), segments // batch)
     result = train_mixer(store, ds_id, keys, "mdx-mixer", work / "runs" / "paper-bf16",
-                         preset="paper" if full else "tiny", epochs=epochs, batch=batch,
+                         preset=preset, epochs=epochs, batch=batch,
                          shift=shift, max_segments_per_epoch=per_epoch * batch, device=device,
                          amp="bf16", select="last", num_workers=4 if full else 0,
                          progress=False, resume=False)
@@ -206,7 +213,6 @@ def train_paper_mixer(cached, work: Path, device: str, full: bool, steps: int):
     rate = done / sum(r["seconds"] for r in rows[1:])
     peak = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if cuda
             else "no GPU memory on CPU")
-    preset = "paper" if full else "tiny"
     detail = (f"{preset}, {per_epoch * epochs} steps of batch {batch}: {rate:.2f} steps/s, "
               f"{peak}, loss {losses[0]:.4f} -> {losses[-1]:.4f} ({METRICS} in {result.run_dir})")
     return detail, None
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
 
         from pipeline.synth import generate_dataset
 
-        # paper's T = 2^18 samples (5.9 s): 15-s tracks give ~100 segments each at shift 2^12
+        # paper's T = 2^18 samples (5.9 s): 15-s tracks give ~200 segments each at shift 2^11
         data = generate_dataset(work / "data", n_train=3 if full else 2, n_valid=1, n_test=1,
                                 duration=15.0 if full else 1.0, progress=False)
         cached = checks.run("cache htdemucs + umxl" if full else "cache (tiny htdemucs + umx)",
