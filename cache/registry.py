@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from cache.base import parse_query
-from cache.weights import enable_offline
+from cache.weights import LOAD_ERRORS, enable_offline, why_unloadable
+from pipeline.config import check_device
 from pipeline.errors import PipelineError
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -167,13 +168,7 @@ def _load_special(spec: str, *, device, offline, options):
 def _check_device(device) -> "Any":
     import torch
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PipelineError(f"device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {device}: CUDA is not available on this machine")
-    return dev
+    return torch.device(check_device(device))
 
 
 def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str | Path | None = None,
@@ -183,6 +178,16 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     offline=True never downloads: HF_HUB_OFFLINE=1 is set, and a missing weight file is a
     PipelineError naming the file, where it was looked for and how to place it.
     """
+    try:
+        return _load_separator(spec, device=device, offline=offline, repo=repo, options=options)
+    except PipelineError:
+        raise
+    except LOAD_ERRORS as e:   # a loader that let a file's error through: still one line
+        where = getattr(e, "filename", None) or spec
+        raise PipelineError(f"{where}: could not load this model ({why_unloadable(e)})") from e
+
+
+def _load_separator(spec: str, *, device, offline: bool, repo, options):
     spec = str(spec).strip()
     if not spec:
         raise PipelineError("empty model name")
@@ -212,7 +217,11 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
 
             return load_xumx(path, device=dev, options=options)
         if path.suffix in (".th", ".yaml"):
-            from cache.families.demucs import load_demucs, sig_of
+            from cache.families.demucs import is_bag_yaml, load_demucs, sig_of
+
+            if path.suffix == ".yaml" and not is_bag_yaml(path):
+                raise PipelineError(f"{path}: not a demucs bag definition (YAML with a 'models' "
+                                    f"list of signatures)")
 
             name = sig_of(path.name) if path.suffix == ".th" else path.stem
             return load_demucs(name, repo=path.parent, offline=offline, device=dev, options=options)

@@ -8,6 +8,18 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT", REPO.parent / "shared" / "data" / "musdb18-7"))
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests run only where CUDA is (`make gpu-check` selects them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 needs_musdb18_7 = pytest.mark.skipif(not (MUSDB18_7 / "train").is_dir(),
                                      reason=f"MUSDB18-7 previews not found at {MUSDB18_7}")
 

@@ -573,7 +573,7 @@ def test_separate_array_channels_rates_and_length():
         separate_array(_Echo(), np.full((2, 10), np.nan, np.float32), 44100)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(demucs_dirs, umx_dir, xumx_file):
     x = noise(seconds=2.0, rate=22050, seed=11)
     for spec, opts in ((str(demucs_dirs / "single"), {"shifts": 0}), (str(umx_dir), {}),

@@ -44,8 +44,9 @@ import yaml
 
 from cache.base import Separator, pick_options
 from cache.families.common import cpu_state, merge_options, waveform_l1
-from cache.weights import (cached_checksum, combined_checksum, hf_cached, hf_offline,
-                           hub_checkpoints_dir, missing_weights_error)
+from cache.weights import (cached_checksum, check_torch_file, combined_checksum, hf_cached,
+                           hf_offline, hub_checkpoints_dir, missing_weights_error,
+                           model_file_errors)
 from pipeline.errors import PipelineError
 
 FAMILY = "demucs"
@@ -348,7 +349,11 @@ def load_demucs(name: str, *, repo: Path | None = None, offline: bool = False, d
     """A pretrained name or a model of a local repo -> DemucsSeparator on `device`."""
     opts = pick_options(FAMILY, options, OPTIONS)
     weights = locate_demucs(name, repo, offline)
-    model = _load_model(weights)
+    for f in weights.files:   # demucs unpickles .th files fully: look at them first
+        if f.suffix == ".th":
+            check_torch_file(f, "a demucs model package")
+    with model_file_errors(", ".join(map(str, weights.files)) or name, "a loadable demucs model"):
+        model = _load_model(weights)
     if weights.where == "download":  # now cached: find the files to checksum them
         try:
             weights = locate_demucs(name, None, offline=True)

@@ -46,7 +46,8 @@ import yaml
 
 from cache.base import Separator
 from cache.families.common import cpu_state, merge_options
-from cache.weights import cached_checksum, combined_checksum
+from cache.weights import (cached_checksum, combined_checksum, load_checkpoint_file,
+                           model_file_errors)
 from pipeline.errors import PipelineError
 
 FAMILY = "msst"
@@ -102,11 +103,8 @@ def _looks_like_msst_config(path: Path) -> bool:
 
 def read_config(path: Path) -> dict:
     """The YAML as MSST reads it (FullLoader: plain data plus python/tuple, no code)."""
-    try:
-        with open(path) as f:
-            cfg = yaml.load(f, Loader=yaml.FullLoader)
-    except (OSError, yaml.YAMLError) as e:
-        raise PipelineError(f"{path}: not a readable MSST config ({str(e).splitlines()[0][:200]})") from None
+    with model_file_errors(path, "an MSST config"), open(path) as f:
+        cfg = yaml.load(f, Loader=yaml.FullLoader)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("training"), dict):
         raise PipelineError(f"{path}: not an MSST config (no 'training' section)")
     tr = cfg["training"]
@@ -151,11 +149,7 @@ def missing_checkpoint_error(ckpt: Path, config: Path | None) -> PipelineError:
 
 def load_state(ckpt: Path) -> tuple[dict, dict]:
     """(state dict, meta) of an MSST checkpoint, bare or wrapped, read weights-only."""
-    try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (not weights-only), RuntimeError, OSError
-        raise PipelineError(f"{ckpt}: not a readable weights-only checkpoint "
-                            f"({str(e).splitlines()[0][:200]})") from None
+    obj = load_checkpoint_file(ckpt, "an MSST checkpoint (a state dict)")
     if not isinstance(obj, dict):
         raise PipelineError(f"{ckpt}: holds a {type(obj).__name__}, not a state dict")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}

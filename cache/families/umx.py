@@ -42,7 +42,7 @@ from cache.base import MaskingSeparator, pick_options, resolve_niter
 from cache.families.common import bandwidth_to_max_bin, cpu_state, resolve_preset_model
 from cache.losses import stft
 from cache.weights import (cached_checksum, combined_checksum, hub_checkpoints_dir,
-                           missing_weights_error)
+                           load_checkpoint_file, missing_weights_error)
 from pipeline.config import SOURCES
 from pipeline.errors import PipelineError
 
@@ -87,11 +87,7 @@ def order_targets(targets) -> list[str]:
 
 def load_state(path: Path) -> dict:
     """A plain state dict, read without arbitrary unpickling."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (not a torch file), OSError
-        raise PipelineError(f"{path}: not a readable Open-Unmix state dict "
-                            f"({str(e).splitlines()[0][:200]})") from None
+    state = load_checkpoint_file(path, "an Open-Unmix state dict")
     if not isinstance(state, dict) or "input_mean" not in state:
         raise PipelineError(f"{path}: not an Open-Unmix state dict (no input_mean)")
     return state

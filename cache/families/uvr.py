@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cache.base import Separator
-from cache.weights import cached_checksum, combined_checksum
+from cache.weights import cached_checksum, combined_checksum, model_file_errors, why_unloadable
 from pipeline.errors import PipelineError
 
 FAMILY = "uvr-mdx"
@@ -76,10 +76,8 @@ def model_data(model: Path, params: dict) -> dict:
         looked.append(str(path))
         if not path.is_file():
             continue
-        try:
+        with model_file_errors(path, "UVR model-data JSON"):
             table = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise PipelineError(f"{path}: unreadable model-data JSON ({e})") from None
         table = table.get("mdx_model_data", table) if isinstance(table, dict) else {}
         if key in table:
             return dict(table[key])
@@ -167,10 +165,11 @@ def load_mdx_onnx(path: Path, params: dict, *, device="cpu") -> MDXNetSeparator:
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        session = ort.InferenceSession(str(path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise PipelineError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        with model_file_errors(path, "an ONNX model"):
+            session = ort.InferenceSession(str(path), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+    except Exception as e:   # onnxruntime's own exception types
+        raise PipelineError(f"{path}: not an ONNX model ({why_unloadable(e)})") from None
     checksum = combined_checksum({"model": cached_checksum(path), "data": data})
     sep = MDXNetSeparator(session, data, params.get("name") or path.stem, checksum,
                           overlap=float(params.get("overlap", 0.25)),

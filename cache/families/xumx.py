@@ -40,7 +40,8 @@ from torch import nn
 from cache.base import MaskingSeparator, pick_options, resolve_niter
 from cache.families.common import bandwidth_to_max_bin, cpu_state, resolve_preset_model
 from cache.losses import istft, multichannel_wiener, stft
-from cache.weights import cached_checksum, hub_checkpoints_dir, missing_weights_error
+from cache.weights import (cached_checksum, hub_checkpoints_dir, load_checkpoint_file,
+                           missing_weights_error)
 from pipeline.errors import PipelineError
 
 FAMILY = "xumx"
@@ -93,12 +94,7 @@ def _safe_globals() -> list:
 
 
 def read_checkpoint(path: Path) -> dict:
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            conf = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (a disallowed global), RuntimeError, OSError
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PipelineError(f"{path}: not a loadable asteroid X-UMX checkpoint ({first})") from None
+    conf = load_checkpoint_file(path, "an asteroid X-UMX checkpoint", safe_globals=_safe_globals())
     if not isinstance(conf, dict) or not {"model_name", "state_dict", "model_args"} <= set(conf):
         keys = ", ".join(map(str, conf)) if isinstance(conf, dict) else type(conf).__name__
         raise PipelineError(f"{path}: not an asteroid serialized model (needs model_name, state_dict, "
