@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install ffmpeg browser clean-work
+.PHONY: demo test install ffmpeg browser clean-work gpu-check
 
 demo: $(STAMP)
 	$(BIN)/pipeline demo
@@ -16,6 +16,10 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 install: $(STAMP)
+
+# On a CUDA machine: CUDA tests, full-size htdemucs/umxl caching, MDX-Mixer bf16, 2-rank DDP (< 5 min)
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 $(STAMP): pyproject.toml | ffmpeg
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \

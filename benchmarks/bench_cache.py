@@ -1,7 +1,7 @@
 """Benchmark: what the cache stage costs over running the base model bare.
 
 (a) Time. A small HDemucs (random weights, exported in demucs's own `.th` package format with
-    cache.demucs_adapter.export_model and loaded back through cache.registry.load_separator, as a
+    cache.families.demucs.export_model and loaded back through cache.registry.load_separator, as a
     user's model folder is) separates a synthetic dataset (pipeline.synth, default 6 tracks x 20 s)
     that is already ingested into a StemStore. Per track, in one process, we time
       bare:  separate_array(separator, mixture, rate) on the mixture already in memory;
@@ -93,7 +93,7 @@ def build_model(folder: Path, channels: int, depth: int, nfft: int, segment: flo
     import torch
     from demucs.hdemucs import HDemucs
 
-    from cache.demucs_adapter import export_model
+    from cache.families.demucs import export_model
 
     torch.manual_seed(0)
     model = HDemucs(["drums", "bass", "other", "vocals"], channels=channels, depth=depth, nfft=nfft,

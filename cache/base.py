@@ -1,6 +1,6 @@
 """What a base separator is, for the cache: named stereo stems out of a stereo mixture.
 
-One adapter module per family (demucs_adapter, openunmix_adapter, xumx_adapter, ...) builds a
+One module per family (cache/families/: demucs, umx, xumx, msst, uvr, plugin) builds a
 `Separator`; `cache.registry` maps user-facing names to adapters.
 """
 from __future__ import annotations
@@ -112,6 +112,18 @@ class MaskingSeparator(Separator):
         if mixture.shape[-1] <= seg:
             return self.separate_chunk(mixture[None])[0]
         return overlap_add(self.separate_chunk, mixture, seg, hop=seg // 2)
+
+
+def parse_query(spec: str) -> tuple[str, dict[str, str]]:
+    """'BASE?key=value&key=value' -> (BASE, {key: value}): the parameters a model spec carries."""
+    base, _, query = spec.partition("?")
+    params: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PipelineError(f"{spec}: '{part}' is not key=value")
+        params[key] = value
+    return base, params
 
 
 def model_key(identity: dict) -> str:

@@ -4,7 +4,8 @@ Systems whose code cannot run here (or that users ran long ago) can still be ens
 `pipeline cache import --name NAME DIR` at museval's estimates layout (`DIR/<subset>/<track>/
 <target>.wav`) or the demucs CLI's (`DIR/<track>/<target>.wav`). Nothing is guessed: every track
 must be there with every target, at the dataset's rate and length, or the import stops and says
-what is missing.
+what is missing. The estimates are stored as read, without the float16 rounding of base
+models' stems (see `exact_dtype`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cache.base import model_key
 from cache.run import entry_of, package_versions
 from cache.store import StemStore
 from pipeline.audio import AUDIO_EXTENSIONS, audio_info, read_audio, to_stereo
-from pipeline.config import SOURCES
+from pipeline.config import SOURCES, check_name
 from pipeline.datasets import Dataset
 from pipeline.errors import PipelineError
 
@@ -33,8 +34,19 @@ def _targets(d: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in AUDIO_EXTENSIONS}
 
 
+def exact_dtype(x: np.ndarray) -> np.dtype:
+    """float32 when it holds every sample of `x` exactly (16/24-bit PCM, float WAV), else float64.
+
+    A base model's own stems are stored in float16 (its rounding moves SDR by far less than
+    models differ), but estimates made elsewhere are stored as read, so that scoring them here
+    gives museval's numbers on the same files.
+    """
+    return np.dtype(np.float32) if np.array_equal(x.astype(np.float32), x) else np.dtype(np.float64)
+
+
 def import_estimates(store: StemStore, dataset: Dataset, name: str, root: Path,
                      splits=None, progress=True) -> dict:
+    check_name(name, "imported model name")   # the system's name in every report and run
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"{root}: estimates folder not found")
@@ -66,7 +78,7 @@ def import_estimates(store: StemStore, dataset: Dataset, name: str, root: Path,
             stat = files[s].stat()
             digest.update(f"{t.name}/{s}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     identity = {"family": "imported", "name": name, "root": str(root.resolve()),
-                "files": digest.hexdigest()}
+                "files": digest.hexdigest(), "storage": "exact"}
     key = model_key(identity)
     store.write_model_info(key, {"key": key, "name": name, "family": "imported",
                                  "sources": list(sources), "sample_rate": dataset.tracks[0].sample_rate,
@@ -76,10 +88,12 @@ def import_estimates(store: StemStore, dataset: Dataset, name: str, root: Path,
         if store.has_stems(key, dataset.id, entry_of(t)):
             continue
         files = _targets(found[t.name])
-        stems = np.stack([to_stereo(read_audio(files[s])[0], files[s]) for s in sources])
+        stems = np.stack([to_stereo(read_audio(files[s], dtype="float64")[0], files[s])
+                          for s in sources])
         store.write_stems(key, dataset.id, entry_of(t), stems,
                           {"model": name, "key": key, "identity": identity, "sources": list(sources),
-                           "sample_rate": t.sample_rate, "source_dir": str(found[t.name])})
+                           "sample_rate": t.sample_rate, "source_dir": str(found[t.name])},
+                          dtype=exact_dtype(stems))
         written += 1
     return {"key": key, "name": name, "tracks": len(tracks), "computed": written,
             "skipped": len(tracks) - written, "sources": list(sources)}

@@ -16,6 +16,13 @@ Two questions are kept apart, as in demucs's pretrained.py / repo.py:
     when it holds several), a `<sig>.th` / `<name>.yaml` file, an Open-Unmix model folder
     (`separator.json`, `<target>.json`, `<target>.pth`), an X-UMX `.pth` file (or a folder
     holding exactly one);
+  - an MSST model (cache.families.msst): `CONFIG.yaml:MODEL.ckpt` (optionally
+    `?model_type=TYPE&name=NAME`), or a folder holding one config .yaml and one .ckpt (what
+    `train-base --family roformer` writes);
+  - a UVR MDX-Net `.onnx` file (cache.families.uvr; parameters from UVR's model-data JSON next
+    to it, audio-separator's table, or `?dim_f=..&dim_t=..&n_fft=..&compensate=..&primary_stem=..`);
+  - a plugin (cache.families.plugin): `py:package.module:factory[?key=value...]` or
+    `entry:NAME` (a `pipeline.separators` entry point);
   - the name of a shipped checkpoint folder `cache/checkpoints/<name>/` (family detected from
     the files present; `MODEL.md` is the model card and is ignored here).
 """
@@ -25,7 +32,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cache.weights import enable_offline
+from cache.base import parse_query
+from cache.weights import LOAD_ERRORS, enable_offline, why_unloadable
+from pipeline.config import check_device
 from pipeline.errors import PipelineError
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -39,7 +48,7 @@ XUMX_NAMES = ("xumx",)
 # --------------------------------------------------------------------------------------------
 
 def demucs_names() -> list[str]:
-    from cache.demucs_adapter import pretrained_names
+    from cache.families.demucs import pretrained_names
 
     return pretrained_names()
 
@@ -62,10 +71,14 @@ def detect_family(folder: Path) -> str:
     names = {p.name for p in files}
     if "separator.json" in names:
         return "openunmix"
+    from cache.families.msst import folder_files
+
+    if folder_files(folder) is not None:
+        return "msst"
     if any(p.suffix == ".th" for p in files):
         return "demucs"
     if any(p.suffix == ".yaml" for p in files):
-        from cache.demucs_adapter import is_bag_yaml
+        from cache.families.demucs import is_bag_yaml
 
         if any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"):
             return "demucs"
@@ -76,24 +89,30 @@ def detect_family(folder: Path) -> str:
         raise PipelineError(f"{folder}: several .pth files and no separator.json; pass the X-UMX "
                             f".pth file itself, or add separator.json for an Open-Unmix model")
     raise PipelineError(f"{folder}: no model files found (expected demucs <sig>.th / <name>.yaml, "
-                        f"Open-Unmix separator.json + <target>.json + <target>.pth, or an X-UMX .pth)")
+                        f"Open-Unmix separator.json + <target>.json + <target>.pth, an X-UMX .pth, "
+                        f"or an MSST config .yaml + checkpoint .ckpt)")
 
 
 def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
     family = detect_family(folder)
     if family == "demucs":
-        from cache.demucs_adapter import load_demucs, pick_local_name
+        from cache.families.demucs import load_demucs, pick_local_name
 
         return load_demucs(name or pick_local_name(folder), repo=folder, offline=offline,
                            device=device, options=options, label=label)
     if name is not None:
         raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
+    if family == "msst":
+        from cache.families.msst import folder_files, load_msst
+
+        config, ckpt = folder_files(folder)
+        return load_msst(config, ckpt, device=device, label=label)
     if family == "openunmix":
-        from cache.openunmix_adapter import load_openunmix
+        from cache.families.umx import load_openunmix
 
         return load_openunmix(str(folder), device=device, offline=offline, options=options,
                               label=label)
-    from cache.xumx_adapter import load_xumx
+    from cache.families.xumx import load_xumx
 
     pth = next(p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth")
     return load_xumx(pth, device=device, options=options, label=label)
@@ -117,16 +136,39 @@ def _split_dir_name(spec: str) -> tuple[Path, str] | None:
     return None
 
 
+def _load_special(spec: str, *, device, offline, options):
+    """The specs that name their format: py:... plugins, CONFIG.yaml:MODEL.ckpt (MSST), UVR
+    files (.onnx); None for everything else."""
+    from cache.families.msst import is_msst_spec
+
+    if spec.startswith("py:") or spec.startswith("entry:"):
+        from cache.families.plugin import load_plugin
+
+        return load_plugin(spec, device=device)
+    if is_msst_spec(spec):
+        from cache.families.msst import load_msst
+
+        base, params = parse_query(spec)
+        unknown = sorted(set(params) - {"model_type", "name"})
+        if unknown:
+            raise PipelineError(f"{spec}: unknown parameter(s) {', '.join(unknown)} "
+                                f"(known: model_type, name)")
+        config, ckpt = base.rsplit(":", 1)
+        return load_msst(Path(config).expanduser(), Path(ckpt).expanduser(), device=device,
+                         model_type=params.get("model_type"), label=params.get("name"))
+    base = spec.partition("?")[0]
+    if Path(base).suffix.lower() == ".onnx":
+        from cache.families.uvr import load_mdx_onnx
+
+        path, params = parse_query(spec)
+        return load_mdx_onnx(Path(path).expanduser(), params, device=device)
+    return None
+
+
 def _check_device(device) -> "Any":
     import torch
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PipelineError(f"device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {device}: CUDA is not available on this machine")
-    return dev
+    return torch.device(check_device(device))
 
 
 def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str | Path | None = None,
@@ -136,6 +178,16 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     offline=True never downloads: HF_HUB_OFFLINE=1 is set, and a missing weight file is a
     PipelineError naming the file, where it was looked for and how to place it.
     """
+    try:
+        return _load_separator(spec, device=device, offline=offline, repo=repo, options=options)
+    except PipelineError:
+        raise
+    except LOAD_ERRORS as e:   # a loader that let a file's error through: still one line
+        where = getattr(e, "filename", None) or spec
+        raise PipelineError(f"{where}: could not load this model ({why_unloadable(e)})") from e
+
+
+def _load_separator(spec: str, *, device, offline: bool, repo, options):
     spec = str(spec).strip()
     if not spec:
         raise PipelineError("empty model name")
@@ -146,6 +198,9 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     if repo_path is not None and not repo_path.is_dir():
         raise PipelineError(f"--repo {repo}: not a folder")
 
+    special = _load_special(spec, device=dev, offline=offline, options=options)
+    if special is not None:
+        return special
     dir_name = _split_dir_name(spec)
     if dir_name is not None:
         folder, name = dir_name
@@ -158,11 +213,15 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
             return _load_folder(path, None, device=dev, offline=offline, options=options,
                                 label=run_label(path))
         if path.suffix == ".pth":
-            from cache.xumx_adapter import load_xumx
+            from cache.families.xumx import load_xumx
 
             return load_xumx(path, device=dev, options=options)
         if path.suffix in (".th", ".yaml"):
-            from cache.demucs_adapter import load_demucs, sig_of
+            from cache.families.demucs import is_bag_yaml, load_demucs, sig_of
+
+            if path.suffix == ".yaml" and not is_bag_yaml(path):
+                raise PipelineError(f"{path}: not a demucs bag definition (YAML with a 'models' "
+                                    f"list of signatures)")
 
             name = sig_of(path.name) if path.suffix == ".th" else path.stem
             return load_demucs(name, repo=path.parent, offline=offline, device=dev, options=options)
@@ -171,14 +230,14 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
         raise PipelineError(f"{spec}: no such file or folder")
 
     if spec in OPENUNMIX_NAMES:
-        from cache.openunmix_adapter import load_openunmix
+        from cache.families.umx import load_openunmix
 
         return load_openunmix(spec, device=dev, offline=offline, repo=repo_path, options=options)
     if spec in XUMX_NAMES:
-        from cache.xumx_adapter import load_xumx, locate_official_xumx
+        from cache.families.xumx import load_xumx, locate_official_xumx
 
         return load_xumx(locate_official_xumx(repo_path), device=dev, options=options, label=spec)
-    from cache.demucs_adapter import is_pretrained, load_demucs, local_has
+    from cache.families.demucs import is_pretrained, load_demucs, local_has
 
     if is_pretrained(spec) or (repo_path is not None and local_has(repo_path, spec)):
         return load_demucs(spec, repo=repo_path, offline=offline, device=dev, options=options)
@@ -186,6 +245,12 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
     if shipped.is_dir():
         return _load_folder(shipped, None, device=dev, offline=offline, options=options, label=spec)
 
+    from cache.families.plugin import entry_point
+
+    if entry_point(spec) is not None:
+        from cache.families.plugin import load_plugin
+
+        return load_plugin(f"entry:{spec}", device=dev)
     known = known_names()
     listing = "; ".join(f"{fam}: {', '.join(names) if names else '(none)'}"
                         for fam, names in known.items())

@@ -119,7 +119,7 @@ def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False
     store.write_dataset_info(dataset.id, dataset_info(dataset))
     mine = dataset.tracks[shard[0]::shard[1]]
     todo = [t for t in mine if force or not store.has_track(dataset.id, entry_of(t))]
-    with _progress(todo, f"store {dataset.id}", progress) as bar:
+    with _progress(todo, f"store {dataset.id}", progress and bool(todo)) as bar:
         for t in todo:
             _ingest_track(store, dataset, t)
             bar.set_postfix_str(t.name[:30])

@@ -45,15 +45,23 @@ FRAMES_PER_BLOCK = 16  # frames converted to float64 at once: bounds memory on l
 
 
 # ---- the grid --------------------------------------------------------------------------------
+def grid_divisions(step: float) -> int:
+    """K = 1 / step, the number of steps from 0 to 1; a step that does not divide 1 is an error."""
+    if not 0 < step <= 1:   # 0 would divide by zero, NaN compares false
+        raise PipelineError(f"blend step {step}: must be in (0, 1] and divide 1 (e.g. 0.1, 0.05, 0.01)")
+    K = round(1.0 / step)
+    if K < 1 or abs(K * step - 1.0) > 1e-9:
+        raise PipelineError(f"blend step {step}: must divide 1 (e.g. 0.1, 0.05, 0.01)")
+    return K
+
+
 def simplex_grid(n_models: int, step: float) -> np.ndarray:
     """Every w >= 0 with sum 1 whose entries are multiples of `step`: [P, n_models] float64.
 
     Stars and bars: choosing the positions of n_models - 1 bars among K + n_models - 1 slots
     enumerates each composition of K = 1/step exactly once, in lexicographic order.
     """
-    K = round(1.0 / step)
-    if K < 1 or abs(K * step - 1.0) > 1e-9:
-        raise PipelineError(f"blend step {step}: must divide 1 (e.g. 0.1, 0.05, 0.01)")
+    K = grid_divisions(step)
     if n_models == 1:
         return np.ones((1, 1))
     bars = np.array(list(itertools.combinations(range(K + n_models - 1), n_models - 1)))
@@ -304,6 +312,7 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
                  run_dir: str | Path | None = None) -> dict:
     """Search blend weights on `split`; write `run_dir` (config.json, weights.json, weights.md)
     when given; return the config."""
+    grid_divisions(step)   # a bad step fails before minutes of reading stems
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     info = store.dataset_info(dataset_id)
     win = int(info.get("sample_rate", 44100))   # museval's 1-s frames

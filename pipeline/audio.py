@@ -56,13 +56,15 @@ def _reason(e: Exception) -> str:
     return str(e).splitlines()[0].strip() or type(e).__name__
 
 
-def read_audio(path: str | Path, start: int = 0, frames: int | None = None) -> tuple[np.ndarray, int]:
-    """Read [channels, samples] float32 and the sample rate; `start`/`frames` read a chunk."""
+def read_audio(path: str | Path, start: int = 0, frames: int | None = None,
+               dtype: str = "float32") -> tuple[np.ndarray, int]:
+    """Read [channels, samples] (float32, or `dtype`) and the sample rate; `start`/`frames` read
+    a chunk."""
     path = Path(path)
     rate, total, _ = audio_info(path)
     try:
         data, rate = sf.read(str(path), start=start, frames=-1 if frames is None else frames,
-                             dtype="float32", always_2d=True)
+                             dtype=dtype, always_2d=True)
     except Exception as e:
         raise fail(path, f"cannot decode audio ({_reason(e)})") from None
     if data.shape[0] == 0:

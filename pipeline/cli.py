@@ -237,22 +237,31 @@ def separate_cmd(
                    log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
 
 
-def store_dataset_id(spec: str, work: Path) -> str:
-    """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'."""
+def store_dataset_id(spec: str, work: Path, ingest: bool = False) -> str:
+    """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'.
+
+    ingest: a dataset not yet in the store is stored first (as `pipeline cache -d` does), for
+    stages that read only the dataset's own audio; else that is an error saying so.
+    """
     from cache.store import StemStore
 
     store = StemStore(store_dir(work))
     if spec in store.datasets():
         return spec
-    ds_id = open_dataset_spec(spec, work).id
-    store.dataset_info(ds_id)  # a clear error when it was never cached
-    return ds_id
+    ds = open_dataset_spec(spec, work)
+    if ingest:
+        from cache.run import ingest_dataset
+
+        ingest_dataset(store, ds)
+    else:
+        store.dataset_info(ds.id)  # a clear error when it was never cached
+    return ds.id
 
 
 def _run_dir(work: Path, name: str, out: Optional[Path]) -> Path:
-    from pipeline.config import runs_dir
+    from pipeline.config import check_name, runs_dir
 
-    return out or runs_dir(work) / name
+    return out or runs_dir(work) / check_name(name, "--name")
 
 
 ModelsOpt = typer.Option(..., "--model", "-m", help="Cached base model (name or store key). Repeatable.")
@@ -261,11 +270,11 @@ DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store i
 
 @app.command("train-base")
 def train_base_cmd(
-    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX) or demucs (HDemucs / HTDemucs)."),
+    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX), demucs (HDemucs / HTDemucs) or roformer (BS-/Mel-RoFormer, saved in MSST format)."),
     dataset: str = DatasetOpt,
     name: Optional[str] = typer.Option(None, help="Run name (default <family>-<preset>): <work>/runs/NAME."),
-    preset: str = typer.Option("small", help="tiny (tests), small (~15 min on 2 CPU cores), paper (GPU)."),
-    arch: Optional[str] = typer.Option(None, help="Demucs: hdemucs or htdemucs."),
+    preset: str = typer.Option("small", help="tiny (tests), small (~15-30 min on 2 CPU cores), paper (GPU)."),
+    arch: Optional[str] = typer.Option(None, help="Demucs: hdemucs or htdemucs; roformer: bs_roformer or mel_band_roformer."),
     xumx_loss: Optional[str] = typer.Option(None, help="X-UMX: magnitude (paper) or complex (Danna-Sep)."),
     target: List[str] = typer.Option([], "--target", help="Only these sources (default all)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (override the preset; raise it to train a finished run longer)."),
@@ -283,13 +292,15 @@ def train_base_cmd(
 ):
     """Train a base separator of one family on a cached dataset; the model lands in RUN/model/."""
     from cache.store import StemStore
-    from cache.train_base import train_base
+    from cache.train_base import family_of, train_base
 
     w = work_dir(work)
+    family_of(family)   # a typo fails before the dataset is ingested
     run = _run_dir(w, name or f"{family}-{preset}", out)
     if fresh and run.exists() and (run / "config.json").exists():
         raise PipelineError(f"{run}: run folder exists; remove it or choose another --name to start over")
-    result = train_base(StemStore(store_dir(w)), store_dataset_id(dataset, w), family, preset, run,
+    ds_id = store_dataset_id(dataset, w, ingest=True)
+    result = train_base(StemStore(store_dir(w)), ds_id, family, preset, run,
                         targets=target or None, seed=seed, epochs=epochs, batch_size=batch,
                         segment=segment, lr=lr, arch=arch, xumx_loss=xumx_loss,
                         device=device or default_device(), resume=not fresh, amp=amp,
@@ -362,7 +373,7 @@ def train_mixer_cmd(
                          batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
                          resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
                          init=init, select=select)
-    console.print(f"mixer run written to {run} ({result})")
+    console.print(f"mixer run written: {result.summary()}")
 
 
 @app.command("evaluate")
@@ -388,7 +399,7 @@ def evaluate_cmd(
 
     w = work_dir(work)
     store = StemStore(store_dir(w))
-    ds_id = store_dataset_id(dataset, w)
+    ds_id = store_dataset_id(dataset, w, ingest=True)   # scoring estimates needs only the dataset
     models = list(model)
     for item in estimates:
         if "=" not in item:
@@ -410,7 +421,10 @@ def evaluate_cmd(
     for r in runs:
         if not (r / "config.json").exists():
             raise PipelineError(f"{r}: not a run folder (no config.json)")
-    out = out or reports_dir(w) / f"{ds_id}-{split}"
+    if out is None:
+        from pipeline.config import check_name
+
+        out = reports_dir(w) / check_name(f"{ds_id}-{split}", "report name (from --split)")
     result = evaluate(store, ds_id, models=models, runs=runs, split=split, out=out,
                       cache_root=w / "evalcache", selection_split=selection_split, oracles=oracles,
                       full_metrics=full_metrics, device=device, listening=html)
@@ -468,31 +482,74 @@ def report_cmd(
     _print_listening(listening_report(out, store, options, device=device))
 
 
+def _print_error(message: str) -> None:
+    """`error: ...` as one line on stderr, whatever the message holds."""
+    from rich.markup import escape
+
+    line = " ".join(str(message).split("\n")).strip()
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, aborts, exits) of click and of the copy of click that typer >= 0.20
+    vendors (typer._click): typer raises the latter, standalone click the former."""
+    import click
+
+    errors = click.exceptions
+    usage, aborts, exits = [errors.ClickException], [errors.Abort], [errors.Exit]
+    try:
+        from typer.exceptions import Abort, Exit, TyperException
+
+        usage.append(TyperException)
+        aborts.append(Abort)
+        exits.append(Exit)
+    except ImportError:  # older typer: its exceptions are click's
+        pass
+    return tuple(usage), tuple(aborts), tuple(exits)
+
+
+def _usage_error_line(e) -> str:
+    """A click usage error (missing option, bad value, unknown option) as one line, instead of
+    click's usage box; `COMMAND --help` still prints the full help."""
+    ctx = getattr(e, "ctx", None)
+    message = e.format_message()
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see `{ctx.command_path} --help`)"
+
+
 def main(argv=None) -> None:
+    usage_errors, aborts, exits = _click_exceptions()
     try:
         # standalone_mode=False returns typer.Exit's code instead of exiting
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="pipeline", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except PipelineError as e:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _print_error(str(e))
         sys.exit(1)
-    except typer.Exit as e:
+    except exits as e:
         sys.exit(e.exit_code)
+    except aborts:
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to resume")
         sys.exit(130)
-    except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":   # a bare `pipeline`: the help is the answer
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        if _state["debug"]:
+            raise
+        _print_error(_usage_error_line(e))
+        sys.exit(getattr(e, "exit_code", 2))
+    except OSError as e:   # the file system said no (permissions, disk full, ...): not a bug
+        if _state["debug"]:
+            raise
+        _print_error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline.config import check_name
 from pipeline.errors import PipelineError
 
 METHODS = ("blend", "conv1x1", "mdx-mixer")
@@ -49,6 +50,8 @@ def validate(config: dict, path) -> dict:
     for key in ("name", "dataset", "models"):
         if key not in config:
             raise PipelineError(f"{path}: missing '{key}'")
+    # the names become folders: reports/<name>, runs/<name>-<system>
+    check_name(config["name"], f"{path}: experiment name")
     if not isinstance(config["models"], list) or not config["models"]:
         raise PipelineError(f"{path}: 'models' must be a non-empty list of [[models]] tables")
     for m in config["models"]:
@@ -61,6 +64,7 @@ def validate(config: dict, path) -> dict:
                                 f"choose one of {', '.join(METHODS)}")
         if not s.get("name") or s["name"] in names:
             raise PipelineError(f"{path}: every [[systems]] needs a unique 'name'")
+        check_name(s["name"], f"{path}: system name")
         allowed = COMMON_KEYS + (BLEND_KEYS if s["method"] == "blend" else MIXER_KEYS)
         unknown = sorted(set(s) - set(allowed))
         if unknown:   # a typo would otherwise silently fall back to a default
@@ -85,12 +89,12 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     from cache.store import StemStore, read_json
     from mixer.blend import search_blend
     from mixer.train import train_mixer
-    from pipeline.config import default_device, reports_dir, runs_dir, store_dir
+    from pipeline.config import check_device, default_device, reports_dir, runs_dir, store_dir
     from pipeline.datasets import open_dataset_spec
     from reports.evaluate import evaluate
 
     t_start = time.perf_counter()
-    device = device or config.get("device") or default_device()
+    device = check_device(device or config.get("device") or default_device())   # before any work
     name = config["name"]
     ds_conf = config["dataset"]
     spec = ds_conf["path"]

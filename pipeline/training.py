@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from pipeline.progress import progress_bar
 
+from pipeline.config import local_cuda_index
 from pipeline.errors import PipelineError
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.csv"
@@ -51,6 +52,15 @@ class TrainResult:
     def best_path(self) -> Path:
         return self.run_dir / BEST
 
+    def summary(self) -> str:
+        """One line for people: the epoch kept, its validation loss, where the run is."""
+        epochs = len(self.metrics)
+        if math.isnan(self.best_valid):   # no validation split was read: the last epoch is kept
+            kept = f"last epoch kept ({self.best_epoch} of {epochs}, no validation)"
+        else:
+            kept = f"best epoch {self.best_epoch} of {epochs}, valid loss {self.best_valid:.4g}"
+        return f"{kept}; run in {self.run_dir} (per-epoch losses in {METRICS})"
+
 
 # ---- environment -----------------------------------------------------------------------------
 def _distributed() -> tuple[int, int]:
@@ -59,15 +69,19 @@ def _distributed() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        backend = "gloo"
         if torch.cuda.is_available():   # before NCCL starts, or every rank talks through GPU 0
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            torch.cuda.set_device(local_cuda_index())
+            # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors too
+            shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+            backend = "gloo" if shared else "nccl"
+        dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 
 def resolve_device(device: str | torch.device | None, world: int = 1) -> torch.device:
     if world > 1 and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_cuda_index())
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)

@@ -56,11 +56,15 @@ def base_system(store: StemStore, dataset_id: str, key: str, name: str) -> Syste
     info, targets = store.model_info(key), store.dataset_info(dataset_id)["sources"]
     have = [s for s in targets if s in info["sources"]]
     index = [info["sources"].index(s) for s in have]
+    def render(t):
+        # float16 stems are widened to float32; imported estimates stored in float64 stay so
+        stems = store.stems(key, dataset_id, t)
+        return np.asarray(stems[index], dtype=np.promote_types(stems.dtype, np.float32))
+
     return System(
         name, "base", tuple(have),
         key=lambda t: _digest("base", key, _stems_sha(store, key, dataset_id, t)),
-        render=lambda t: np.asarray(store.stems(key, dataset_id, t)[index], dtype=np.float32),
-        detail={"key": key})
+        render=render, detail={"key": key})
 
 
 def combined_system(store: StemStore, dataset_id: str, name: str, kind: str,

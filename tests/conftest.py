@@ -8,6 +8,18 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT", REPO.parent / "shared" / "data" / "musdb18-7"))
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests run only where CUDA is (`make gpu-check` selects them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 needs_musdb18_7 = pytest.mark.skipif(not (MUSDB18_7 / "train").is_dir(),
                                      reason=f"MUSDB18-7 previews not found at {MUSDB18_7}")
 
@@ -26,12 +38,16 @@ def write_stem_track(root: Path, subset: str, name: str, sources=("drums", "bass
     return stems
 
 
+def write_four_tracks(root: Path, n=8000, rate=8000) -> Path:
+    """Two train tracks, one valid, one test (noise stems); returns root."""
+    for i, subset in enumerate(["train", "train", "valid", "test"]):
+        write_stem_track(root, subset, f"track{i}", n=n, rate=rate, seed=i)
+    return root
+
+
 @pytest.fixture
 def stem_dataset(tmp_path):
-    root = tmp_path / "ds"
-    for i, subset in enumerate(["train", "train", "valid", "test"]):
-        write_stem_track(root, subset, f"track{i}", seed=i)
-    return root
+    return write_four_tracks(tmp_path / "ds")
 
 
 def run_cli(args, capsys):
@@ -45,3 +61,28 @@ def run_cli(args, capsys):
         code = e.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads on a shared 2-core machine (opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (offline loading is what is tested)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)

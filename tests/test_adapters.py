@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -47,13 +46,8 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+def _no_network(no_network):
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +103,7 @@ def tiny_hdemucs(seed=0):
 
 def save_demucs(model, path: Path):
     """demucs.states.serialize_model's package + torch.save, as demucs's solver exports it."""
-    from cache.demucs_adapter import package_model
+    from cache.families.demucs import package_model
 
     pkg = package_model(model, {"model": type(model).__name__.lower(), "seed": 0})
     assert set(pkg) == {"klass", "args", "kwargs", "state", "training_args"}
@@ -120,7 +114,7 @@ def save_demucs(model, path: Path):
 
 @pytest.fixture(scope="module")
 def demucs_dirs(tmp_path_factory):
-    from cache.demucs_adapter import export_model
+    from cache.families.demucs import export_model
 
     root = tmp_path_factory.mktemp("demucs")
     save_demucs(tiny_htdemucs(), root / "single" / "tinyht.th")
@@ -245,7 +239,7 @@ def test_demucs_segment_longer_than_training_is_refused(demucs_dirs):
 def test_demucs_missing_pretrained_offline_fails_fast(empty_caches):
     import os
 
-    import cache.demucs_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.demucs  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -370,7 +364,7 @@ def test_openunmix_weights_checksum_changes_model_key(umx_dir, tmp_path):
 
 
 def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
-    import cache.openunmix_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.umx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -384,7 +378,7 @@ def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
 def test_openunmix_urls_match_the_package():
     import openunmix
 
-    from cache.openunmix_adapter import PRETRAINED_URLS
+    from cache.families.umx import PRETRAINED_URLS
 
     for name, urls in PRETRAINED_URLS.items():
         src = inspect.getsource(getattr(openunmix, f"{name}_spec"))
@@ -494,7 +488,7 @@ def test_xumx_checksum_and_residual(xumx_file, tmp_path):
 
 
 def test_xumx_official_name_needs_a_local_file(empty_caches, tmp_path):
-    import cache.xumx_adapter  # noqa: F401  (import time is not what is measured)
+    import cache.families.xumx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -579,7 +573,7 @@ def test_separate_array_channels_rates_and_length():
         separate_array(_Echo(), np.full((2, 10), np.nan, np.float32), 44100)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(demucs_dirs, umx_dir, xumx_file):
     x = noise(seconds=2.0, rate=22050, seed=11)
     for spec, opts in ((str(demucs_dirs / "single"), {"shifts": 0}), (str(umx_dir), {}),

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import write_stem_track
+from conftest import write_four_tracks
 from test_adapters import MUSDB, save_umx_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -54,9 +54,7 @@ def write_wav(path, x, rate):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("separate")
-    ds = root / "ds"
-    for i, subset in enumerate(["train", "train", "valid", "test"]):
-        write_stem_track(ds, subset, f"track{i}", n=RATE, rate=RATE, seed=i)
+    ds = write_four_tracks(root / "ds", n=RATE, rate=RATE)
     models = [save_umx_folder(root / "models" / name, MUSDB, seed=seed)
               for name, seed in (("umxa", 0), ("umxb", 1))]
     work = root / "work"

@@ -22,17 +22,27 @@ model without residual the default niter is 0 (openunmix raises otherwise).
 Long tracks: the whole-track STFT, BiLSTM and Wiener filtering cost GBs on a 10-minute track, so
 the signal is cut into `segment`-second pieces (default 30 s, half-overlapping) and cross-faded
 with pipeline.chunking.overlap_add. Inputs no longer than one segment are processed whole.
+
+Training recipe (`train-base --family umx`, at the end of this file): one `OpenUnmix` per target,
+trained with the MSE between magnitude spectrograms (Open-Unmix's scripts/train.py: input
+mean/scale from the training mixtures, bandwidth-limited input, Adam + weight decay), exported in
+the folder format above.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from cache.base import MaskingSeparator, pick_options, resolve_niter
+from cache.families.common import bandwidth_to_max_bin, cpu_state, resolve_preset_model
+from cache.losses import stft
 from cache.weights import (cached_checksum, combined_checksum, hub_checkpoints_dir,
-                           missing_weights_error)
+                           load_checkpoint_file, missing_weights_error)
 from pipeline.config import SOURCES
 from pipeline.errors import PipelineError
 
@@ -77,11 +87,7 @@ def order_targets(targets) -> list[str]:
 
 def load_state(path: Path) -> dict:
     """A plain state dict, read without arbitrary unpickling."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (not a torch file), OSError
-        raise PipelineError(f"{path}: not a readable Open-Unmix state dict "
-                            f"({str(e).splitlines()[0][:200]})") from None
+    state = load_checkpoint_file(path, "an Open-Unmix state dict")
     if not isinstance(state, dict) or "input_mean" not in state:
         raise PipelineError(f"{path}: not an Open-Unmix state dict (no input_mean)")
     return state
@@ -244,3 +250,157 @@ def load_openunmix(name_or_path: str, *, device="cpu", offline: bool = False, re
     sep = OpenUnmixSeparator(model, name, checksum, niter=niter, residual=opts["residual"],
                              wiener_win_len=opts["wiener_win_len"], segment=opts["segment"])
     return sep.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Training recipe (cache.train_base; see cache.families.common for the interface)
+# --------------------------------------------------------------------------------------------
+TRAIN_NAME = "umx"
+WITH_REST = False
+
+# tiny: tests, seconds on a CPU at 8-16 kHz. small: 4 x hidden 128 at 0.9 steps/s on 2 shared
+# cores -> 20 x 36 steps ~ 13 min, + ~1.5 min validation. paper: Open-Unmix (hidden 512, 6 s,
+# batch 16, lr 1e-3, 64 samples per track per epoch).
+PRESETS = {
+    "tiny": dict(model=dict(hidden_size=16, nfft=512, nhop=128, bandwidth=16000),
+                 train=dict(segment=1.0, batch_size=4, epochs=2, samples_per_epoch=8,
+                            valid_max_items=4, lr_schedule="constant")),
+    "small": dict(model=dict(hidden_size=128, nfft=4096, nhop=1024, bandwidth=16000),
+                  train=dict(segment=3.0, batch_size=8, epochs=20, samples_per_epoch=288,
+                             valid_segment=6.0, valid_max_items=24)),
+    "paper": dict(model=dict(hidden_size=512, nfft=4096, nhop=1024, bandwidth=16000),
+                  train=dict(segment=6.0, batch_size=16, epochs=1000, samples_per_track=64)),
+}
+MODEL_DEFAULTS = dict(hidden_size=512, nfft=4096, nhop=1024, bandwidth=16000)
+
+
+def resolve_model(preset: str, model_options: dict | None) -> dict:
+    return resolve_preset_model(TRAIN_NAME, PRESETS, MODEL_DEFAULTS, preset, model_options)
+
+
+def check_training(targets, amp: str) -> None:
+    pass
+
+
+def input_statistics(store, dataset_id: str, nfft: int, nhop: int, split: str = "train",
+                     block_frames: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and standard deviation of the mono-downmixed magnitude spectrogram of every
+    training mixture (Open-Unmix's get_statistics: StandardScaler over all frames, std floored at
+    1e-4 of its maximum). Uncentred frames, computed in blocks, in float64."""
+    total = np.zeros(nfft // 2 + 1)
+    total_sq = np.zeros(nfft // 2 + 1)
+    count = 0
+    for track in store.tracks(dataset_id, split):
+        mix = store.mixture(dataset_id, track)
+        n = mix.shape[-1]
+        n_frames = 1 + (n - nfft) // nhop if n >= nfft else 0
+        for f0 in range(0, n_frames, block_frames):
+            f1 = min(n_frames, f0 + block_frames)
+            seg = torch.from_numpy(np.array(mix[:, f0 * nhop:(f1 - 1) * nhop + nfft], np.float32))
+            mag = stft(seg, nfft, nhop, center=False).abs().mean(0).double()   # [F, frames]
+            total += mag.sum(1).numpy()
+            total_sq += (mag ** 2).sum(1).numpy()
+            count += mag.shape[1]
+    if count == 0:
+        raise PipelineError(f"dataset {dataset_id}: training tracks are shorter than one STFT "
+                            f"frame ({nfft} samples)")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    std = np.maximum(std, 1e-4 * std.max())
+    return mean, std
+
+
+def prepare(run_dir: Path, store, dataset_id: str, config: dict, rank: int,
+            split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The input statistics, computed once per run folder (run_dir/input_stats.npz)."""
+    nfft, nhop = config["model"]["nfft"], config["model"]["nhop"]
+    path = run_dir / "input_stats.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if int(z["nfft"]) == nfft and int(z["nhop"]) == nhop:
+                return z["mean"], z["std"]
+    mean, std = input_statistics(store, dataset_id, nfft, nhop, split=split)
+    if rank == 0:
+        tmp = run_dir / f".input_stats.{os.getpid()}.npz"
+        np.savez(tmp, mean=mean, std=std, nfft=nfft, nhop=nhop)
+        os.replace(tmp, path)
+    return mean, std
+
+
+class UMXTrainNet(nn.Module):
+    """One `OpenUnmix` per target; output: magnitude estimates [B, T, 2, F, frames].
+
+    The targets' networks share nothing, so training them in one loop with the sum of their losses
+    gives each the gradients of its own Open-Unmix training run."""
+
+    def __init__(self, targets, nfft, nhop, hidden_size, max_bin, mean=None, std=None):
+        super().__init__()
+        from openunmix.model import OpenUnmix
+
+        self.nfft, self.nhop = nfft, nhop
+        self.targets = nn.ModuleDict({
+            t: OpenUnmix(nb_bins=nfft // 2 + 1, nb_channels=2, hidden_size=hidden_size,
+                         nb_layers=3, max_bin=max_bin, input_mean=mean, input_scale=std)
+            for t in targets})
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        x = stft(mix, self.nfft, self.nhop, center=False).abs()
+        return torch.stack([m(x) for m in self.targets.values()], 1)
+
+
+class SpectrogramMSE:
+    """Open-Unmix's loss, summed over targets: MSE(|STFT| estimate, |STFT(reference)|)."""
+
+    def __init__(self, nfft: int, nhop: int):
+        self.nfft, self.nhop = nfft, nhop
+
+    def __call__(self, est: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        y = stft(refs[:, :est.shape[1]], self.nfft, self.nhop, center=False).abs()
+        return ((est - y) ** 2).mean(dim=(0, 2, 3, 4)).sum()
+
+
+def build(config: dict, stats):
+    m, sr = config["model"], config["sample_rate"]
+    max_bin = bandwidth_to_max_bin(sr, m["nfft"], m["bandwidth"])
+    mean, std = stats if stats is not None else (None, None)
+    net = UMXTrainNet(config["targets"], m["nfft"], m["nhop"], m["hidden_size"], max_bin, mean, std)
+    return net, SpectrogramMSE(m["nfft"], m["nhop"]), net
+
+
+def export(net: UMXTrainNet, out: Path, config: dict, summary: dict) -> list[Path]:
+    """Open-Unmix's folder: what its scripts/train.py writes (per target), plus separator.json."""
+    m, t = config["model"], config["train"]
+    files = []
+    for target, model in net.targets.items():
+        torch.save(cpu_state(model), out / f"{target}.pth")
+        args = {  # scripts/train.py's argparse namespace (+ the musdb dataset options)
+            "target": target, "dataset": "musdb", "root": summary["dataset_root"],
+            "output": str(summary.get("model_dir", out)), "model": None, "checkpoint": None, "audio_backend": "soundfile",
+            "epochs": t["epochs"], "batch_size": t["batch_size"], "lr": t["lr"],
+            "patience": t["epochs"], "lr_decay_patience": 80, "lr_decay_gamma": 0.3,
+            "weight_decay": t["weight_decay"], "seed": config["seed"], "seq_dur": t["segment"],
+            "unidirectional": False, "nfft": m["nfft"], "nhop": m["nhop"],
+            "hidden_size": m["hidden_size"], "bandwidth": m["bandwidth"], "nb_channels": 2,
+            "nb_workers": 0, "debug": False, "quiet": False, "no_cuda": False, "is_wav": True,
+            "samples_per_track": t["samples_per_track"],
+            "source_augmentations": ["gain", "channelswap"],
+        }
+        params = {
+            "epochs_trained": summary["epochs"], "args": args, "best_loss": summary["best_valid"],
+            "best_epoch": summary["best_epoch"],
+            "train_loss_history": [r["train_loss"] for r in summary["metrics"]],
+            "valid_loss_history": [r["valid_loss"] for r in summary["metrics"]],
+            "train_time_history": [r["seconds"] for r in summary["metrics"]],
+            "num_bad_epochs": summary["epochs"] - summary["best_epoch"], "commit": None,
+        }
+        (out / f"{target}.json").write_text(json.dumps(params, indent=4, sort_keys=True))
+        files += [out / f"{target}.pth", out / f"{target}.json"]
+    sep = {"nfft": m["nfft"], "nhop": m["nhop"], "sample_rate": config["sample_rate"],
+           "nb_channels": 2}
+    (out / "separator.json").write_text(json.dumps(sep, indent=4, sort_keys=True))
+    return files + [out / "separator.json"]
+
+
+def describe(config: dict) -> tuple[str, str]:
+    return ("Open-Unmix (spectrogram masking, one BLSTM network per target)",
+            "MSE on magnitude spectrograms")
