@@ -17,6 +17,7 @@ of everything they depend on, so rebuilding a report encodes only what changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -143,7 +144,9 @@ class ClipFolder:
         if path.exists():
             return read_json(path)
         value = compute()
-        write_json_atomic(path, value)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value, separators=(",", ":")))   # compact: W_k can be large
+        os.replace(tmp, path)
         return value
 
     def save_index(self) -> None:

@@ -194,12 +194,12 @@ def write_page(out: Path, info: dict, *, split: str, kinds: dict[str, str],
 <p class="hint">Click a column heading to sort.</p>
 {summary_table(out, targets, kinds)}
 </section>
-<section id="figures"><h2>Figures</h2>{figs}</section>
 <section id="tracks"><h2>Listen</h2>
 <p class="hint">Click a cell to play that clip; clicking another switches at the same position
 (A/B listening); the number is the system's SDR on the whole track. Space: play / pause the open track.</p>
 {chr(10).join(track_section(i, t, targets, listened, sdr) for i, t in enumerate(tracks))}
 </section>
+<section id="figures"><h2>Figures</h2>{figs}</section>
 <script type="application/json" id="report-data">{script_data}</script>
 <script>{_static("report.js")}</script>
 </body></html>

@@ -158,21 +158,24 @@
     return ctx;
   }
   function drawLines(canvas, w, duration, t) {   // w.lines: [[target, [[input, values]...]]...]
-    var width = canvas.clientWidth, strip = 64, n = w.lines.length;
+    var width = canvas.clientWidth, strip = 84, n = w.lines.length;
     if (!width || !w.starts.length) return;
-    var ctx = sized(canvas, width, strip * n + 18), lo = 0, hi = 1;
+    var ctx = sized(canvas, width, strip * n + 18), lo = Infinity, hi = -Infinity;
     w.lines.forEach(function (target) {
       target[1].forEach(function (line) {
         line[1].forEach(function (v) { lo = Math.min(lo, v); hi = Math.max(hi, v); });
       });
     });
+    var pad = Math.max(0.02, 0.08 * (hi - lo));   // the data's own range: small changes stay visible
+    lo -= pad; hi += pad;
     var x = function (sec) { return Math.max(0, Math.min(width, width * sec / duration)); };
     w.lines.forEach(function (target, r) {
       var top = 18 + r * strip, y = function (v) { return top + 4 + (strip - 10) * (hi - v) / (hi - lo); };
       ctx.strokeStyle = "#ccc";
-      ctx.beginPath(); ctx.moveTo(0, y(0)); ctx.lineTo(width, y(0)); ctx.stroke();
+      ctx.strokeRect(0.5, top + 0.5, width - 1, strip - 4);
+      if (lo < 0 && hi > 0) { ctx.beginPath(); ctx.moveTo(0, y(0)); ctx.lineTo(width, y(0)); ctx.stroke(); }
       ctx.fillStyle = "#333";
-      ctx.fillText(target[0], 4, top + 12);
+      ctx.fillText(target[0], 5, top + 13);
       target[1].forEach(function (line, j) {
         ctx.strokeStyle = COLORS[j % COLORS.length];
         ctx.beginPath();
@@ -192,7 +195,7 @@
       ctx.fillText(line[0], pos + 14, 11);
       pos += 24 + ctx.measureText(line[0]).width;
     });
-    ctx.fillText("weight range " + lo.toFixed(2) + " … " + hi.toFixed(2), pos + 10, 11);
+    ctx.fillText("each strip from " + lo.toFixed(2) + " to " + hi.toFixed(2), pos + 10, 11);
     ctx.strokeStyle = "#d00";
     ctx.beginPath(); ctx.moveTo(x(t), 14); ctx.lineTo(x(t), 18 + strip * n); ctx.stroke();
   }
