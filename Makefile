@@ -1,17 +1,18 @@
 # Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
 # Both bootstrap .venv (Python >= 3.10, uv when it can be installed, else pip) and need the
-# ffmpeg/ffprobe binaries, installed with apt-get when missing and running as root.
+# ffmpeg/ffprobe binaries, installed with apt-get when missing and running as root; `make test`
+# likewise installs chromium + chromedriver for the listening report's browser tests.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install ffmpeg clean-work gpu-check
+.PHONY: demo test install ffmpeg browser clean-work gpu-check
 
 demo: $(STAMP)
 	$(BIN)/pipeline demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 install: $(STAMP)
@@ -38,6 +39,17 @@ ffmpeg:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; \
 		else \
 			echo "error: ffmpeg and ffprobe are needed on PATH (Debian/Ubuntu: sudo apt-get install ffmpeg; macOS: brew install ffmpeg)"; exit 1; \
+		fi; \
+	fi
+
+# The browser tests skip without a browser unless CI is set, where they fail instead.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 || \
+	    ! { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else \
+			echo "note: the listening report's browser tests need chromium and chromedriver (Debian/Ubuntu: sudo apt-get install chromium chromium-driver); without them they are skipped, or fail when CI is set"; \
 		fi; \
 	fi
 

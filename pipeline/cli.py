@@ -11,6 +11,7 @@ from rich.console import Console
 from pipeline.config import default_device, store_dir, work_dir
 from pipeline.datasets import SYNTHETIC, open_dataset_spec
 from pipeline.errors import PipelineError
+from reports.clips import EXCERPT_S, KBPS, MAX_MB, WHOLE_BELOW_S
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
                   help="Ensemble music source separators: cache base models' stems, blend / learn "
@@ -193,6 +194,19 @@ def run_cmd(
                             log=lambda m: console.print(m, highlight=False, markup=False))
     Console().print(result["summary"])
     console.print(f"report: {result['out']} ({result['seconds']:.0f} s)")
+    _print_listening(result.get("listening"))
+
+
+def _print_listening(listening: Optional[dict]) -> None:
+    if listening:
+        console.print(f"listening report ({listening['bytes'] / 1e6:.1f} MB, {listening['clips']} clips "
+                      f"at {listening['kbps']} kbit/s, {listening['encoded']} newly encoded; open it "
+                      f"in a browser): {listening['path']}",
+                      highlight=False, soft_wrap=True)
+        if listening["bytes"] > listening["max_mb"] * 1e6:
+            console.print(f"note: over the {listening['max_mb']:g} MB budget even at the lowest bitrate; "
+                          f"`pipeline report` can choose fewer tracks (--track), systems (--system) or a "
+                          f"shorter --excerpt", highlight=False, soft_wrap=True)
 
 
 @app.command("demo")
@@ -374,6 +388,7 @@ def evaluate_cmd(
     oracles: bool = typer.Option(True, "--oracles/--no-oracles", help="Add oracle references (mixture, IRM)."),
     full_metrics: bool = typer.Option(False, "--full-metrics", help="Also ISR/SIR/SAR through museval (slow)."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default <work>/reports/<dataset>-<split>)."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Write report.html with every estimate playable (see `pipeline report`)."),
     device: Optional[str] = typer.Option(None, help="Device for mixers."),
     work: Optional[Path] = WorkOpt,
 ):
@@ -412,9 +427,59 @@ def evaluate_cmd(
         out = reports_dir(w) / check_name(f"{ds_id}-{split}", "report name (from --split)")
     result = evaluate(store, ds_id, models=models, runs=runs, split=split, out=out,
                       cache_root=w / "evalcache", selection_split=selection_split, oracles=oracles,
-                      full_metrics=full_metrics, device=device)
+                      full_metrics=full_metrics, device=device, listening=html)
     Console().print(result["summary"])
     console.print(f"report written to {out}")
+    _print_listening(result.get("listening"))
+
+
+def _report_dir(target: str, work: Path) -> Path:
+    """A report folder; a name under <work>/reports; or a mixer run, whose one report it is."""
+    from cache.store import read_json
+    from pipeline.config import reports_dir, runs_dir
+
+    for d in (Path(target), reports_dir(work) / target):
+        if (d / "evaluation.json").exists():
+            return d
+    run = next((d for d in (Path(target), runs_dir(work) / target) if (d / "config.json").exists()), None)
+    if run is None:
+        raise PipelineError(f"{target}: neither a report folder (with evaluation.json), nor a report "
+                            f"or run name under {work}")
+    found = [p.parent for p in sorted(reports_dir(work).glob("*/evaluation.json"))
+             if any(s.get("run") and Path(s["run"]).resolve() == run.resolve()
+                    for s in read_json(p)["systems"])]
+    if len(found) != 1:
+        raise PipelineError(f"{run}: " + (f"evaluated in {len(found)} reports ({', '.join(map(str, found))}); "
+                                          f"give the report folder" if found else
+                                          f"no report under {reports_dir(work)} evaluates this run; "
+                                          f"run `pipeline evaluate --run {run}` first"))
+    return found[0]
+
+
+@app.command("report")
+def report_cmd(
+    target: str = typer.Argument(..., help="Report folder, report name under <work>/reports, or a mixer run that one report evaluates."),
+    track: List[str] = typer.Option([], "--track", "-t", help="Tracks to listen to (default: every evaluated track). Repeatable."),
+    system: List[str] = typer.Option([], "--system", "-s", help="Systems to listen to (default: all). Repeatable."),
+    excerpt: float = typer.Option(EXCERPT_S, min=0, help="Seconds of each track around its loudest part; 0: whole tracks."),
+    whole_below: float = typer.Option(WHOLE_BELOW_S, min=0, help="Tracks shorter than this many seconds are played whole."),
+    kbps: int = typer.Option(KBPS, min=6, max=256, help="Opus bitrate in kbit/s (lowered to fit --max-mb)."),
+    max_mb: float = typer.Option(MAX_MB, min=0.001, help="Size budget of the audio in MB."),
+    device: Optional[str] = typer.Option(None, help="Device for mixers."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Rebuild report.html (the listening report) of an evaluation, choosing tracks, systems, excerpts."""
+    from cache.store import StemStore, read_json
+    from reports.evaluate import listening_report
+    from reports.listening import ListeningOptions
+
+    w = work_dir(work)
+    out = _report_dir(target, w)
+    recorded = Path(read_json(out / "evaluation.json").get("store", store_dir(w)))
+    store = StemStore(recorded if recorded.exists() else store_dir(w))
+    options = ListeningOptions(tracks=tuple(track), systems=tuple(system), excerpt=excerpt,
+                               whole_below=whole_below, kbps=kbps, max_mb=max_mb)
+    _print_listening(listening_report(out, store, options, device=device))
 
 
 def _print_error(message: str) -> None:

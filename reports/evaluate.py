@@ -174,7 +174,9 @@ def score_track(refs: np.ndarray, est: np.ndarray, win: int) -> dict:
 
 
 def score_systems(store: StemStore, dataset_id: str, systems: list[System], tracks: list[TrackEntry],
-                  cache: ScoreCache, progress=True) -> pd.DataFrame:
+                  cache: ScoreCache, progress=True, on_render=None) -> pd.DataFrame:
+    """on_render(system, track, estimates): sees each estimate rendered (the listening report's
+    clips are cut from them, so nothing is rendered twice)."""
     info = store.dataset_info(dataset_id)
     targets, rate = info["sources"], info["sample_rate"]
     frames, todo = [], [(s, t) for s in systems for t in tracks]
@@ -190,6 +192,8 @@ def score_systems(store: StemStore, dataset_id: str, systems: list[System], trac
                                         f"expected {refs.shape}")
                 scores = score_track(refs, est, win=rate)
                 cache.put(key, scores)
+                if on_render:
+                    on_render(system, t, est)
             sdr = np.array([[np.nan if v is None else v for v in row] for row in scores["SDR"]],
                            dtype=np.float64).reshape(len(system.targets), -1)
             frames.append(to_long({"SDR": sdr, "uSDR": np.asarray(scores["uSDR"])}, track=t.name,
@@ -264,7 +268,10 @@ def weight_figures(store: StemStore, dataset_id: str, run_systems: list[System],
 def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
              runs: list[Path | tuple[str, Path]], split: str,
              out: Path, cache_root: Path, selection_split: str = "valid", oracles: bool = True,
-             average: bool = True, full_metrics: bool = False, device=None, progress=True) -> dict:
+             average: bool = True, full_metrics: bool = False, device=None, progress=True,
+             listening=True) -> dict:
+    """Score every system; write the report folder. listening: True (the default page), False,
+    or a reports.listening.ListeningOptions for report.html."""
     from reports.report import boxplot_figure, summary_markdown, write_scores
 
     info = store.dataset_info(dataset_id)
@@ -309,7 +316,14 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
     systems += run_sys
     oracle = oracle_systems(store, dataset_id) if oracles else []
     systems += oracle
-    df = score_systems(store, dataset_id, systems, tracks, cache, progress=progress)
+    listen = None
+    if listening:
+        from reports.listening import ListeningBuild, ListeningOptions
+
+        listen = ListeningBuild(out, store, dataset_id, systems, tracks,
+                                listening if isinstance(listening, ListeningOptions) else ListeningOptions())
+    df = score_systems(store, dataset_id, systems, tracks, cache, progress=progress,
+                       on_render=listen.estimate if listen else None)
     if full_metrics:
         df = pd.concat([df, _full_metrics(store, dataset_id, systems, tracks)], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +336,50 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
         figures += weight_figures(store, dataset_id, run_sys, tracks[0], out, device=device)
     write_json_atomic(out / "evaluation.json", {
         "dataset": dataset_id, "split": split, "tracks": [t.name for t in tracks],
+        "store": str(store.root.resolve()),
         "systems": [{"name": s.name, "kind": s.kind, "targets": list(s.targets), **(s.detail or {})}
                     for s in systems], "figures": [p.name for p in figures]})
-    return {"summary": md, "out": out, "scores": df, "figures": figures}
+    result = {"summary": md, "out": out, "scores": df, "figures": figures}
+    if listen:
+        result["listening"] = listen.finish(split=split, device=device, progress=progress)
+    return result
+
+
+# ---- rebuilding the listening report from a report folder ---------------------------------
+def systems_from_record(store: StemStore, record: dict, device=None,
+                        where="evaluation.json") -> list[System]:
+    """The systems an evaluation.json lists, rebuilt over the same store."""
+    dataset_id = record["dataset"]
+    oracles = {o.name: o for o in oracle_systems(store, dataset_id)}
+    systems = []
+    for s in record["systems"]:
+        if s["kind"] == "base":
+            systems.append(base_system(store, dataset_id, s["key"], s["name"]))
+        elif s["kind"] in ("selection", "average"):
+            choice = {t: [(k, w) for k, w in c] for t, c in s["choice"].items()}
+            systems.append(combined_system(store, dataset_id, s["name"], s["kind"], choice))
+        elif s["kind"] == "run":
+            systems.append(run_system(store, dataset_id, Path(s["run"]), device=device, name=s["name"]))
+        elif s["name"] in oracles:
+            systems.append(oracles[s["name"]])
+        else:
+            raise PipelineError(f"{where}: unknown system '{s['name']}' of kind '{s['kind']}'")
+    return systems
+
+
+def listening_report(report_dir: Path, store: StemStore, options=None, device=None,
+                     progress=True) -> dict:
+    """`pipeline report`: write report_dir/report.html again from its evaluation.json."""
+    from reports.listening import ListeningBuild, ListeningOptions
+
+    path = report_dir / "evaluation.json"
+    record = read_json(path)
+    wanted = set(record["tracks"])
+    tracks = [t for t in store.tracks(record["dataset"]) if t.name in wanted]
+    if len(tracks) != len(wanted):
+        raise PipelineError(f"{store.root}: the store lacks {len(wanted) - len(tracks)} of the "
+                            f"tracks evaluated in {report_dir}")
+    tracks.sort(key=lambda t: record["tracks"].index(t.name))
+    build = ListeningBuild(report_dir, store, record["dataset"], systems_from_record(store, record, device, path),
+                           tracks, options or ListeningOptions())
+    return build.finish(split=record["split"], device=device, progress=progress)

@@ -82,6 +82,7 @@ REQUIRED = {
     ("cache",): ["-d", "synthetic"], ("cache", "import"): ["DIR", "--name", "x", "-d", "synthetic"],
     ("run",): ["EXP"], ("separate",): ["song.wav", "-e", "x", "-o", "out"],
     ("train-base",): ["-f", "umx"], ("blend",): ["-m", "a"], ("train-mixer",): ["-m", "a"],
+    ("report",): ["demo"],
 }
 
 
@@ -115,6 +116,7 @@ def bad_arguments(env) -> dict[tuple[str, ...], tuple[list, str]]:
         ("blend",): (["-m", "m0", "-m", "m1", "-d", "toy", "--step", "0", "--work", w], "blend step 0"),
         ("train-mixer",): (["-m", "m0", "-d", "toy", "--name", "../../escaped", "--work", w], "'../../escaped'"),
         ("evaluate",): (["-d", "toy", "--estimates", "no-equals-sign", "--work", w], "expected NAME=DIR"),
+        ("report",): ([root / "no-report", "--work", w], "neither a report folder"),
     }
 
 
