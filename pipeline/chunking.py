@@ -53,7 +53,10 @@ def segment_of(x, start: int, segment: int) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         piece = x[..., a:b] if b > a else x[..., :0]
     else:
-        piece = torch.from_numpy(np.array(x[..., a:b] if b > a else x[..., :0]))
+        piece = x[..., a:b] if b > a else x[..., :0]
+        # a new array (what a lazy reader returns) is used as it is; a view is copied
+        fresh = type(piece) is np.ndarray and piece.flags.owndata and piece.flags.writeable
+        piece = torch.from_numpy(piece if fresh else np.array(piece))
     left, right = a - start, start + segment - max(b, a)
     if left or right:
         piece = torch.nn.functional.pad(piece, (left, right))
@@ -69,6 +72,7 @@ def overlap_add(
     *,
     window: str = "hann",
     overlap: int | None = None,
+    context: int = 0,
     sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Apply `fn` to overlapping segments of `x` and cross-fade the results.
@@ -87,6 +91,11 @@ def overlap_add(
     the ends (the window never vanishes), only after the end to fill the last segment.
     Either way the result is divided by the summed window, so identity `fn` gives back `x` up to
     float rounding, the ends included, and segment borders carry no clicks.
+
+    context: `fn` also sees this many samples of `x` on each side of its segment (zeros outside
+    `x`): it gets [B, C, context + segment + context] and still returns the `segment` samples in
+    the middle. For a computation with a receptive field (an STFT frame straddling a segment
+    border), so that each segment's output is exact up to its borders.
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -103,6 +112,8 @@ def overlap_add(
             raise ValueError("`overlap` is for window='flattop'; the Hann window takes `hop`")
         hop = hop or segment // 4
         w = None
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
     if not 0 < hop <= segment:
         raise ValueError(f"hop must be in (0, segment], got hop={hop}, segment={segment}")
     if w is None:
@@ -131,7 +142,8 @@ def overlap_add(
     starts = [i * hop for i in range(n_seg)]
     for i in range(0, n_seg, batch):
         group = starts[i:i + batch]
-        chunks = torch.stack([segment_of(x, s - pad, segment) for s in group])
+        chunks = [segment_of(x, s - pad - context, segment + 2 * context) for s in group]
+        chunks = chunks[0][None] if len(chunks) == 1 else torch.stack(chunks)
         y = fn(chunks)
         del chunks
         hi = group[-1] + segment
