@@ -115,6 +115,13 @@ def frame_blocks(n: int, win: int, per_block: int = FRAMES_PER_BLOCK) -> list[tu
     return blocks + ([(n_full * win, n - n_full * win, 1, False)] if n % win else [])
 
 
+def grams(x: np.ndarray) -> np.ndarray:
+    """[f, rows, n] -> the Gram matrix of each [f, rows, rows]. One 2-D product per item: numpy's
+    stacked matmul with a transposed operand can miss BLAS (0.5 s instead of 1 ms for a stack of
+    one 42 x 8000 matrix)."""
+    return np.stack([a @ a.T for a in x])
+
+
 def collect_stats(tracks: Iterable[tuple[np.ndarray, Sequence[np.ndarray]]], spec: InputSpec,
                   win: int, frames_per_block: int = FRAMES_PER_BLOCK) -> list[SourceStats]:
     """Statistics for every target from (references [S,2,n], [stems [S_m,2,n] per model]) per track.
@@ -138,8 +145,7 @@ def collect_stats(tracks: Iterable[tuple[np.ndarray, Sequence[np.ndarray]]], spe
                 # museval's silence: L + R == 0 at every sample. Float sums are 0 only for a == -b,
                 # so testing in float64 equals museval's test in float32.
                 silent = ~np.any(x[:, :, 0] + x[:, :, 1] != 0, axis=-1)           # [f, 1 + M]
-                x = x.reshape(count, len(pairs) + 1, 2 * length)
-                gram = x @ x.transpose(0, 2, 1)                                     # [f, 1+M, 1+M]
+                gram = grams(x.reshape(count, len(pairs) + 1, 2 * length))          # [f, 1+M, 1+M]
                 a = acc[j]
                 a["rr"].append(gram[:, 0, 0])
                 a["b"].append(gram[:, 1:, 0])

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from cache.store import StemStore, read_json, write_json_atomic
-from mixer.blend import OBJECTIVES, collect_stats, frame_blocks, nanmedian_rows, search
+from mixer.blend import OBJECTIVES, collect_stats, frame_blocks, grams, nanmedian_rows, search
 from mixer.inputs import InputSpec, assemble_inputs, assemble_targets, mixture_stats, normalise
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
@@ -95,7 +95,7 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             y = normalise(assemble_targets(refs, start, stop), stats)
             z = np.concatenate([x, y]).astype(np.float64).reshape(C + O, count, length).transpose(1, 0, 2)
             ref = np.asarray(refs[:, :, start:stop], dtype=np.float64).reshape(-1, 2, count, length)
-            acc["G"].append(z @ z.transpose(0, 2, 1))
+            acc["G"].append(grams(z))
             acc["zero"].append(zero)
             acc["rr"].append(np.square(ref).sum(axis=(1, 3)).T)
             acc["ref_silent"].append(~np.any(ref[:, 0] + ref[:, 1] != 0, axis=-1).T)

@@ -34,6 +34,8 @@ Where ours differs:
   averages (linear, so any perfectly reconstructing STFT gives the same waveform) always.
 * Ties: on an exact magnitude tie of two different complex values UVR keeps the later model,
   MSST (and we) the first; outside silence (where both are 0) such ties have probability zero.
+* avg-spec is computed as avg-wave: the STFT being linear and perfectly reconstructing, the
+  inverse of the averaged spectra is the averaged waveform (MSST's two differ by float rounding).
 * Memory: a long track is processed in blocks of at most BLOCK samples through
   `pipeline.chunking.overlap_add`, each block seeing HOP samples of context on both sides, and
   blocks start on multiples of the hop, so every frame is the whole-track STFT's frame: the
@@ -206,9 +208,13 @@ class SpectralEnsemble:
     def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray],
                  block: int = BLOCK) -> np.ndarray:
         """mixture [2, n] (for its length), stems {key: [S_m, 2, n]} -> estimates [S, 2, n]."""
+        # avg-spec is avg-wave: the STFT is linear and perfectly reconstructing, so averaging
+        # spectra and inverting gives the average waveform (MSST's avg_fft and avg_wave differ by
+        # float rounding); computed without the M + 1 transforms
+        spectral = self.method in SPEC and self.method != "avg-spec"
         return blockwise(self.spec, mixture, stems_by_key,
                          lambda j, x: combine(self.method, x, self.weights[j]),
-                         spectral=self.method in SPEC, block=block)
+                         spectral=spectral, block=block)
 
 
 # ---- runs ------------------------------------------------------------------------------------
