@@ -388,3 +388,43 @@ def test_cli_experiment_and_separate(tmp_path, capsys):
         y, _ = sf.read(tmp_path / "out" / "song" / f"{target}.wav", dtype="float32", always_2d=True)
         want = np_ensemble("median-spec", stems[:, j], None)
         np.testing.assert_allclose(y.T, want, atol=2e-6)
+
+
+def test_models_from_names_a_selection_of_the_experiments_models(tmp_path):
+    from pipeline.experiment import _system_models, validate
+
+    selection = tmp_path / "pick.json"
+    selection.write_text(json.dumps({"models": [{"key": "k2", "name": "b"}]}))
+    keys, all_keys = {"a": "k1", "b": "k2"}, ["k1", "k2"]
+    assert _system_models({"models_from": str(selection)}, keys, all_keys) == ["k2"]
+    assert _system_models({}, keys, all_keys) == all_keys
+    with pytest.raises(PipelineError, match="chose model k2, which is not among"):
+        _system_models({"models_from": str(selection)}, {"a": "k1"}, ["k1"])
+    with pytest.raises(PipelineError, match="selection file not found"):
+        _system_models({"models_from": str(tmp_path / "none.json")}, keys, all_keys)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PipelineError, match="not a selection file"):
+        _system_models({"models_from": str(tmp_path / "bad.json")}, keys, all_keys)
+    base = {"name": "x", "dataset": {"path": "synthetic"}, "models": [{"spec": "umx-synth"}]}
+    with pytest.raises(PipelineError, match="both 'models' and 'models_from'"):
+        validate(dict(base, systems=[{"name": "s", "method": "blend", "models": ["a"],
+                                      "models_from": "f.json"}]), "x.toml")
+    with pytest.raises(PipelineError, match="choose one of blend, band-blend, avg-wave"):
+        validate(dict(base, systems=[{"name": "s", "method": "max_fft"}]), "x.toml")
+    validate(dict(base, systems=[{"name": "s", "method": "band-blend", "bands": 12,
+                                  "band_scale": "octave", "split": "train"}]), "x.toml")
+
+
+def test_overlap_add_context_makes_block_borders_exact():
+    """fn sees `context` samples beyond its segment: a one-sample delay is exact across borders."""
+    from pipeline.chunking import overlap_add
+
+    x = torch.randn(3, 1000)
+    c = 4
+
+    def delay(chunks):   # [B, 3, c + seg + c] -> the segment delayed by one sample
+        return chunks[..., c - 1:-c - 1]
+    for segment, overlap in ((100, 0), (128, 16)):
+        y = overlap_add(delay, x, segment, window="flattop", overlap=overlap, context=c)
+        torch.testing.assert_close(y[:, 1:], x[:, :-1])
+        assert torch.all(y[:, 0] == 0)
