@@ -43,6 +43,7 @@ Where ours differs:
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -172,22 +173,26 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
 
     Blocks of at most `block` samples through `pipeline.chunking.overlap_add`, starting on
     multiples of HOP with HOP samples of context: every frame is the whole track's, so the result
-    does not depend on the block size; memory is the estimates plus one block.
+    does not depend on the block size; memory is the estimates plus one block. The targets of a
+    block run in torch.get_num_threads() threads (numpy's elementwise work is single-threaded
+    but releases the GIL).
     """
     n = check_inputs(spec, mixture, stems_by_key)
     table = source_models(spec)
     x = TargetRows(table, [stems_by_key[k] for k in spec.model_keys], n)
     context = HOP if spectral else 0
+    first = np.cumsum([0] + [2 * len(pairs) for pairs in table])
 
     def run(chunks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(chunks), len(table), 2, chunks.shape[-1] - 2 * context)
-        for b, chunk in enumerate(chunks):
-            row = 0
-            for j, pairs in enumerate(table):
-                models = chunk[row:row + 2 * len(pairs)].reshape(len(pairs), 2, -1)
-                row += 2 * len(pairs)
-                out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
-                             else per_target(j, models))
+
+        def target(b: int, j: int) -> None:
+            models = chunks[b, first[j]:first[j + 1]].reshape(len(table[j]), 2, -1)
+            out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
+                         else per_target(j, models))
+        jobs = [(b, j) for b in range(len(chunks)) for j in range(len(table))]
+        with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(jobs)))) as pool:
+            list(pool.map(lambda job: target(*job), jobs))
         return out
 
     count = -(-n // block)                               # equal blocks, multiples of HOP
