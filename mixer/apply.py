@@ -1,10 +1,13 @@
-"""Applying any mixer run folder (blend, conv1x1, mdx-mixer) to a track, and exporting its weights.
+"""Applying any mixer run folder (blend, conv1x1, mdx-mixer, the spectral ensembles, band-blend)
+to a track, and exporting its weights.
 
 A learned mixer processes the normalised track in segments of T samples, hop T/4, cross-faded by
 `pipeline.chunking.overlap_add` (periodic Hann, constant sum, zero padding at both ends): any
 length, no clicks at segment borders. The inputs are assembled from the stored stems one segment
 at a time, so memory is the output plus `batch` segments, whatever the track's length. A blend
-needs no segments: it is the same weighted sum at every sample.
+needs no segments: it is the same weighted sum at every sample. Runs without a trained module
+(FIXED: blend, mixer.spectral's methods, mixer.bandblend) are applied by their own module from
+config.json alone.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from cache.store import read_json, write_json_atomic
+from mixer import bandblend, spectral
 from mixer.blend import apply_blend
 from mixer.inputs import (InputSpec, NormalisedInputs, check_inputs, denormalise,
                           mixture_stats, split_outputs)
@@ -22,6 +26,18 @@ from mixer.train import MIXER, build_from_config, segment_offsets
 from pipeline.chunking import segment_of, overlap_add
 from pipeline.errors import PipelineError
 from pipeline.training import amp_dtype, resolve_device
+
+
+def _apply_blend(config: dict, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+    spec = InputSpec.from_dict(config["inputs"])
+    check_inputs(spec, mixture, stems_by_key)
+    return apply_blend(config["weights"], stems_by_key, dict(zip(spec.model_keys, spec.model_sources)),
+                       spec.targets)
+
+
+# methods whose run folder holds no trained module: config.json is the whole ensemble
+FIXED = {"blend": _apply_blend, **{m: spectral.apply_config for m in spectral.METHODS},
+         bandblend.METHOD: bandblend.apply_config}
 
 
 def load_config(run_dir: str | Path) -> dict:
@@ -43,7 +59,7 @@ class Mixer:
         self.low = amp_dtype(self.device, amp)
         self.batch = batch
         self.module = None
-        if self.method != "blend":
+        if self.method not in FIXED:
             path = self.run_dir / MIXER
             if not path.exists():
                 raise PipelineError(f"{path}: missing; training has not finished "
@@ -69,11 +85,8 @@ class Mixer:
 
     def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         """mixture [2, n], stems {key: [S_m, 2, n]} -> estimates [S, 2, n] float32."""
-        if self.method == "blend":
-            check_inputs(self.spec, mixture, stems_by_key)
-            return apply_blend(self.config["weights"], stems_by_key,
-                               dict(zip(self.spec.model_keys, self.spec.model_sources)),
-                               self.spec.targets)
+        if self.method in FIXED:
+            return FIXED[self.method](self.config, mixture, stems_by_key)
         x, stats = self.normalised_inputs(mixture, stems_by_key)
         y = overlap_add(lambda c: self._run(c, self.module), x, self.segment,
                         hop=self.segment // 4, batch=self.batch)
@@ -123,6 +136,9 @@ def export_weights(run_dir: str | Path, out_dir: str | Path | None = None, *, mi
     out_dir = Path(out_dir) if out_dir else mixer.run_dir / "weights"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in track or "")
     stem = f"weights-{safe}" if track else "weights"
+    if mixer.method in FIXED and mixer.method != "blend":
+        raise PipelineError(f"{run_dir}: a {mixer.method} run has no mixing matrix to export "
+                            f"(see its config.json)")
     if mixer.method == "blend":
         arrays = {"W": mixer.blend_matrix()}
     elif mixer.method == "conv1x1":

@@ -86,6 +86,18 @@ class SourceStats:
     n_tracks: int = 0
     totals: dict = field(default_factory=dict)   # per-track sums of rr, b, G (whole tracks)
 
+    def restricted(self, models) -> "SourceStats | None":
+        """The statistics of a subset of the models (None when none of them outputs the source)."""
+        cols = np.array([i for i, m in enumerate(self.models) if m in set(models)], dtype=int)
+        if not len(cols):
+            return None
+        pick = lambda b, G: (b[:, cols], G[:, cols][:, :, cols])   # noqa: E731
+        b, G = pick(self.b, self.G)
+        tb, tG = pick(self.totals["b"], self.totals["G"])
+        return SourceStats([self.models[i] for i in cols], self.rr, self.ref_silent,
+                           self.silent[:, cols], b, G, self.track, self.full, self.n_tracks,
+                           {"rr": self.totals["rr"], "b": tb, "G": tG})
+
 
 def source_models(spec: InputSpec) -> list[list[tuple[int, int]]]:
     """For each target: the (model index, index in that model's sources) that output it."""
@@ -100,27 +112,37 @@ def source_models(spec: InputSpec) -> list[list[tuple[int, int]]]:
     return table
 
 
-def _frame_blocks(n: int, win: int) -> list[tuple[int, int, int, bool]]:
+def frame_blocks(n: int, win: int, per_block: int = FRAMES_PER_BLOCK) -> list[tuple[int, int, int, bool]]:
     """(start, frame length, number of frames, museval frame?): blocks of whole frames, then the
     partial tail (counted by uSDR only). museval makes a track no longer than `win` one frame."""
     if n <= win:
         return [(0, n, 1, True)]
     n_full = n // win
-    blocks = [(i * win, win, min(FRAMES_PER_BLOCK, n_full - i), True)
-              for i in range(0, n_full, FRAMES_PER_BLOCK)]
+    blocks = [(i * win, win, min(per_block, n_full - i), True)
+              for i in range(0, n_full, per_block)]
     return blocks + ([(n_full * win, n - n_full * win, 1, False)] if n % win else [])
 
 
+def grams(x: np.ndarray) -> np.ndarray:
+    """[f, rows, n] -> the Gram matrix of each [f, rows, rows]. One 2-D product per item: numpy's
+    stacked matmul with a transposed operand can miss BLAS (0.5 s instead of 1 ms for a stack of
+    one 42 x 8000 matrix)."""
+    return np.stack([a @ a.T for a in x])
+
+
 def collect_stats(tracks: Iterable[tuple[np.ndarray, Sequence[np.ndarray]]], spec: InputSpec,
-                  win: int) -> list[SourceStats]:
-    """Statistics for every target from (references [S,2,n], [stems [S_m,2,n] per model]) per track."""
+                  win: int, frames_per_block: int = FRAMES_PER_BLOCK) -> list[SourceStats]:
+    """Statistics for every target from (references [S,2,n], [stems [S_m,2,n] per model]) per track.
+
+    A model's stems need only `stems[k][:, a:b]` (mixer.bandblend passes band signals that way).
+    """
     table = source_models(spec)
     keys = ("rr", "ref_silent", "silent", "b", "G", "track", "full")
     acc = [{k: [] for k in keys} for _ in table]
     n_tracks = 0
     for t, (refs, stems) in enumerate(tracks):
         n_tracks += 1
-        for start, length, count, full in _frame_blocks(refs.shape[-1], win):
+        for start, length, count, full in frame_blocks(refs.shape[-1], win, frames_per_block):
             stop = start + length * count
             for j, pairs in enumerate(table):
                 # Rows: the reference, then each model's estimate, as float64 [f, 1 + M, 2, L]
@@ -131,8 +153,7 @@ def collect_stats(tracks: Iterable[tuple[np.ndarray, Sequence[np.ndarray]]], spe
                 # museval's silence: L + R == 0 at every sample. Float sums are 0 only for a == -b,
                 # so testing in float64 equals museval's test in float32.
                 silent = ~np.any(x[:, :, 0] + x[:, :, 1] != 0, axis=-1)           # [f, 1 + M]
-                x = x.reshape(count, len(pairs) + 1, 2 * length)
-                gram = x @ x.transpose(0, 2, 1)                                     # [f, 1+M, 1+M]
+                gram = grams(x.reshape(count, len(pairs) + 1, 2 * length))          # [f, 1+M, 1+M]
                 a = acc[j]
                 a["rr"].append(gram[:, 0, 0])
                 a["b"].append(gram[:, 1:, 0])
@@ -205,6 +226,20 @@ def score(st: SourceStats, W: np.ndarray, objective: str, context: np.ndarray | 
 
 
 # ---- the search ------------------------------------------------------------------------------
+def frame_contexts(stats: list[SourceStats], objective: str):
+    """masks (per source, [F_full] the source's blend sounds) -> per source, the frames valid as
+    far as the references and every *other* source's estimate go."""
+    full = stats[0].full
+    if objective == "museval" and not full.any():
+        raise PipelineError("blend: no validation track is long enough for one museval frame")
+    ref_ok = ~np.any([st.ref_silent[full] for st in stats], axis=0)
+
+    def contexts(masks: list[np.ndarray]) -> list[np.ndarray]:
+        return [ref_ok & np.all([m for k, m in enumerate(masks) if k != j] or [ref_ok], axis=0)
+                for j in range(len(stats))]
+    return contexts
+
+
 @dataclass
 class BlendSearch:
     weights: list[np.ndarray]        # per target, [M_j] over SourceStats.models
@@ -221,15 +256,7 @@ def search(stats: list[SourceStats], step: float, objective: str) -> BlendSearch
     if objective not in OBJECTIVES:
         raise PipelineError(f"blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
     grids = [simplex_grid(len(st.models), step) for st in stats]
-    full = stats[0].full
-    if objective == "museval" and not full.any():
-        raise PipelineError("blend: no validation track is long enough for one museval frame")
-    ref_ok = ~np.any([st.ref_silent[full] for st in stats], axis=0)
-
-    def contexts(masks: list[np.ndarray]) -> list[np.ndarray]:
-        # Frames valid as far as the references and every *other* source's estimate go.
-        return [ref_ok & np.all([m for k, m in enumerate(masks) if k != j] or [ref_ok], axis=0)
-                for j in range(len(stats))]
+    contexts = frame_contexts(stats, objective)
 
     # Round 0 assumes every other blend sounds wherever any of its models does (true for
     # any interior point of the simplex), then rounds repeat until the masks are self-consistent.

@@ -53,7 +53,10 @@ def segment_of(x, start: int, segment: int) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         piece = x[..., a:b] if b > a else x[..., :0]
     else:
-        piece = torch.from_numpy(np.array(x[..., a:b] if b > a else x[..., :0]))
+        piece = x[..., a:b] if b > a else x[..., :0]
+        # a new array (what a lazy reader returns) is used as it is; a view is copied
+        fresh = type(piece) is np.ndarray and piece.flags.owndata and piece.flags.writeable
+        piece = torch.from_numpy(piece if fresh else np.array(piece))
     left, right = a - start, start + segment - max(b, a)
     if left or right:
         piece = torch.nn.functional.pad(piece, (left, right))
@@ -106,11 +109,15 @@ class _Plan:
 
 
 class _WindowPlan(_Plan):
-    """Hann / flat-top: one fixed window, zero padding."""
+    """Hann / flat-top: one fixed window, zero padding; each segment read with `context` samples
+    more on both sides."""
 
-    def __init__(self, window: torch.Tensor, **kw):
+    def __init__(self, window: torch.Tensor, context: int = 0, **kw):
         super().__init__(**kw)
-        self.window = window
+        self.window, self.context = window, context
+
+    def read(self, x, start: int) -> torch.Tensor:
+        return segment_of(x, start - self.pad - self.context, self.segment + 2 * self.context)
 
     def weights(self, group):
         return [self.window] * len(group)
@@ -194,6 +201,7 @@ def overlap_add(
     window: str = "hann",
     overlap: int | None = None,
     trim: int = 0,
+    context: int = 0,
     sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Apply `fn` to overlapping segments of `x` and cross-fade the results.
@@ -217,6 +225,11 @@ def overlap_add(
     (see `_UVRMDXPlan`; `trim` = n_fft // 2).
     Either way the result is divided by the summed window, so identity `fn` gives back `x` up to
     float rounding, the ends included, and segment borders carry no clicks.
+
+    context: `fn` also sees this many samples of `x` on each side of its segment (zeros outside
+    `x`): it gets [B, C, context + segment + context] and still returns the `segment` samples in
+    the middle. For a computation with a receptive field (an STFT frame straddling a segment
+    border), so that each segment's output is exact up to its borders.
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -236,6 +249,10 @@ def overlap_add(
     else:
         hop = hop or segment // 4
         w, pad = ola_window(segment), segment - hop
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    if context and window not in ("hann", "flattop"):
+        raise ValueError(f"context is for window='hann' or 'flattop', not {window!r}")
     if not 0 < hop <= segment:
         raise ValueError(f"hop must be in (0, segment], got hop={hop}, segment={segment}")
     if window in ("msst", "msst-demucs"):
@@ -247,7 +264,7 @@ def overlap_add(
         n_seg = max(1, -(-(total - segment) // hop) + 1)
         plan = _WindowPlan(w, n=n, segment=segment, hop=hop, pad=pad,
                            starts=[i * hop for i in range(n_seg)],
-                           padded_len=(n_seg - 1) * hop + segment)
+                           padded_len=(n_seg - 1) * hop + segment, context=context)
     return _accumulate(fn, x, plan, batch, sink)
 
 
@@ -273,7 +290,8 @@ def _accumulate(fn, x, plan: _Plan, batch: int, sink) -> torch.Tensor | None:
     n_seg = len(starts)
     for i in range(0, n_seg, batch):
         group = starts[i:i + batch]
-        chunks = torch.stack([plan.read(x, s) for s in group])
+        chunks = [plan.read(x, s) for s in group]
+        chunks = chunks[0][None] if len(chunks) == 1 else torch.stack(chunks)
         y = fn(chunks)
         del chunks
         hi = group[-1] + segment

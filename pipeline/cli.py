@@ -314,26 +314,68 @@ def train_base_cmd(
 def blend(
     model: List[str] = ModelsOpt,
     dataset: str = DatasetOpt,
-    name: str = typer.Option("blend", help="Run name: the run folder is <work>/runs/NAME."),
-    step: float = typer.Option(0.05, help="Grid step on the weight simplex."),
-    objective: str = typer.Option("museval", help="museval (median/median framewise SDR) or usdr (mean whole-track SDR)."),
-    split: str = typer.Option("valid", help="Split to search on."),
+    method: str = typer.Option("blend", help="blend (Danna-Sep: per-source weights searched), band-blend (per-source, per-band weights searched), or MSST's / UVR's avg-wave, median-wave, min-wave, max-wave, avg-spec, median-spec, min-spec (UVR Min Spec), max-spec (UVR Max Spec)."),
+    name: Optional[str] = typer.Option(None, help="Run name (default: the method): the run folder is <work>/runs/NAME."),
+    step: float = typer.Option(0.05, help="blend, band-blend: grid step on the weight simplex."),
+    objective: str = typer.Option("museval", help="blend, band-blend: museval (median/median framewise SDR) or usdr (mean whole-track SDR)."),
+    split: Optional[str] = typer.Option(None, help="blend, band-blend: split to search on (default valid for blend, select for band-blend)."),
+    bands: int = typer.Option(8, help="band-blend: number of frequency bands."),
+    band_scale: str = typer.Option("mel", help="band-blend: mel or octave band spacing."),
+    weights: Optional[str] = typer.Option(None, help="avg-wave, avg-spec: one weight per model, in -m order, e.g. 2,1,1 (default equal)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing run folder."),
     work: Optional[Path] = WorkOpt,
 ):
-    """Danna-Sep linear blend: per-source convex weights by grid search on the valid split."""
+    """Ensembles that train nothing: the Danna-Sep blend, the band-wise blend, spectral ensembles."""
     from cache.store import StemStore
-    from mixer.blend import search_blend
+    from mixer.methods import build
 
     w = work_dir(work)
-    run = _run_dir(w, name, out)
+    run = _run_dir(w, name or method, out)
     if (run / "config.json").exists() and not force:
         raise PipelineError(f"{run}: run folder exists; pass --force to overwrite or choose another --name")
-    config = search_blend(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, step=step,
-                          objective=objective, split=split, run_dir=run)
-    Console().print((run / "weights.md").read_text() if (run / "weights.md").exists() else config)
-    console.print(f"blend run written to {run}")
+    try:
+        parsed = None if weights is None else [float(v) for v in weights.split(",")]
+    except ValueError:
+        raise PipelineError(f"--weights {weights}: expected numbers separated by commas, e.g. 2,1,1") from None
+    config = build(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, method, run,
+                   {"step": step, "objective": objective, "split": split, "bands": bands,
+                    "band_scale": band_scale, "weights": parsed})
+    if (run / "weights.md").exists():
+        Console().print((run / "weights.md").read_text())
+    console.print(f"{config['method']} run written to {run}")
+
+
+@app.command("select-models")
+def select_models_cmd(
+    model: List[str] = ModelsOpt,
+    dataset: str = DatasetOpt,
+    by: str = typer.Option("blend", help="blend (the best Danna-Sep blend of the set) or conv1x1 (a least-squares conv1x1 over the set and the mixture)."),
+    split: str = typer.Option("select", help="Split the sets are scored on (select: a fixed tenth of train)."),
+    objective: str = typer.Option("museval", help="museval (median/median framewise SDR) or usdr."),
+    step: float = typer.Option(0.1, help="--by blend: grid step of each blend search."),
+    min_gain: float = typer.Option(0.01, help="Add a model only if it gains more than this (dB); backward elimination drops one that costs no more."),
+    backward: bool = typer.Option(False, "--backward", help="After adding, drop models whose removal costs at most --min-gain."),
+    name: Optional[str] = typer.Option(None, help="Selection name (default: the --by scorer): the file is <work>/selections/NAME.json."),
+    out: Optional[Path] = typer.Option(None, help="Selection file (default <work>/selections/NAME.json)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing selection file."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Choose base models by greedy forward selection on the selection split; write the list."""
+    from cache.store import StemStore
+    from mixer.select import select_models
+
+    w = work_dir(work)
+    path = out or w / "selections" / f"{name or by}.json"
+    if path.exists() and not force:
+        raise PipelineError(f"{path}: selection file exists; pass --force to overwrite or choose another --name")
+    result = select_models(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, by=by,
+                           split=split, objective=objective, step=step, min_gain=min_gain,
+                           backward=backward, out=path,
+                           log=lambda line: console.print(line, markup=False, highlight=False))
+    console.print(f"chose {', '.join(m['name'] for m in result['models'])} "
+                  f"({objective} SDR {result['score']:.3f} dB); written to {path}\n"
+                  f"use it in an experiment file: models_from = \"{path}\"", markup=False, highlight=False)
 
 
 @app.command("train-mixer")

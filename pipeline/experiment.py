@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.config import check_name
 from pipeline.errors import PipelineError
 
-METHODS = ("blend", "conv1x1", "mdx-mixer")
+MIXERS = ("conv1x1", "mdx-mixer")   # trained by train-mixer; the rest: mixer.methods.METHODS
 MODEL_OPTIONS = ("shifts", "overlap", "segment", "niter", "residual", "wiener_win_len")
 
 
@@ -37,9 +37,10 @@ def load_experiment(path: str | Path) -> dict:
     return validate(config, path)
 
 
-# [[systems]] keys: every system's, a blend's, and a learned mixer's (train_mixer's arguments)
-COMMON_KEYS = ("name", "method", "models")
-BLEND_KEYS = ("step", "objective", "split")
+# [[systems]] keys: every system's, a learned mixer's (train_mixer's arguments); an ensemble
+# that trains nothing takes its options in mixer.methods.OPTIONS. `models_from` names a
+# selection file (`pipeline select-models`) instead of listing `models`.
+COMMON_KEYS = ("name", "method", "models", "models_from")
 MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
               "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture")
 
@@ -57,15 +58,20 @@ def validate(config: dict, path) -> dict:
     for m in config["models"]:
         if "spec" not in m:
             raise PipelineError(f"{path}: every [[models]] needs a 'spec' (pretrained name, shipped name or path)")
+    from mixer.methods import OPTIONS
+
     names = set()
     for s in config.get("systems", []):
-        if s.get("method") not in METHODS:
+        if s.get("method") not in tuple(OPTIONS) + MIXERS:
             raise PipelineError(f"{path}: system '{s.get('name')}' has method {s.get('method')!r}; "
-                                f"choose one of {', '.join(METHODS)}")
+                                f"choose one of {', '.join(tuple(OPTIONS) + MIXERS)}")
         if not s.get("name") or s["name"] in names:
             raise PipelineError(f"{path}: every [[systems]] needs a unique 'name'")
         check_name(s["name"], f"{path}: system name")
-        allowed = COMMON_KEYS + (BLEND_KEYS if s["method"] == "blend" else MIXER_KEYS)
+        if "models" in s and "models_from" in s:
+            raise PipelineError(f"{path}: system '{s['name']}' has both 'models' and "
+                                f"'models_from'; give one")
+        allowed = COMMON_KEYS + (tuple(OPTIONS[s["method"]]) if s["method"] in OPTIONS else MIXER_KEYS)
         unknown = sorted(set(s) - set(allowed))
         if unknown:   # a typo would otherwise silently fall back to a default
             raise PipelineError(f"{path}: system '{s['name']}' ({s['method']}) has unknown "
@@ -81,13 +87,27 @@ def _model_ref(ref: str, keys: dict[str, str]) -> str:
     return keys[ref]
 
 
+def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> list[str]:
+    """The store keys of a system's models: `models`, a `models_from` selection file, or all."""
+    if "models_from" in system:
+        from mixer.select import read_selection
+
+        chosen = read_selection(system["models_from"])
+        for key in chosen:
+            if key not in all_keys:
+                raise PipelineError(f"{system['models_from']}: chose model {key}, which is not "
+                                    f"among the experiment's models ({', '.join(all_keys)})")
+        return chosen
+    return [_model_ref(r, keys) for r in system.get("models", [])] or all_keys
+
+
 def run_experiment(config: dict, work: Path, *, device: str | None = None, progress: bool = True,
                    log=print) -> dict:
     """Execute the stages; returns the evaluation result (summary text, report folder)."""
     from cache.registry import load_separator
     from cache.run import cache_model, ingest_dataset
-    from cache.store import StemStore, read_json
-    from mixer.blend import search_blend
+    from cache.store import StemStore
+    from mixer import methods
     from mixer.train import train_mixer
     from pipeline.config import check_device, default_device, reports_dir, runs_dir, store_dir
     from pipeline.datasets import open_dataset_spec
@@ -130,19 +150,16 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     runs = []
     for system in config.get("systems", []):
         run_dir = runs_dir(work) / f"{name}-{system['name']}"
-        chosen = [_model_ref(r, keys) for r in system.get("models", [])] or all_keys
+        chosen = _system_models(system, keys, all_keys)
         t0 = time.perf_counter()
-        if system["method"] == "blend":
-            wanted = {"step": system.get("step", 0.05), "objective": system.get("objective", "museval"),
-                      "split": system.get("split", "valid")}
-            cfg_path = run_dir / "config.json"
-            current = read_json(cfg_path) if cfg_path.exists() else None
-            if (current and current.get("inputs", {}).get("model_keys") == chosen
-                    and all(current.get(k) == v for k, v in wanted.items())):
-                log(f"[blend] {system['name']}: unchanged, kept {run_dir}")
+        method = system["method"]
+        if method in methods.OPTIONS:
+            wanted = methods.with_defaults(method, system)
+            if methods.is_current(run_dir, chosen, method, wanted):
+                log(f"[{method}] {system['name']}: unchanged, kept {run_dir}")
             else:
-                search_blend(store, dataset.id, chosen, run_dir=run_dir, **wanted)
-                log(f"[blend] {system['name']}: searched in {time.perf_counter() - t0:.1f} s")
+                methods.build(store, dataset.id, chosen, method, run_dir, wanted, progress=progress)
+                log(f"[{method}] {system['name']}: built in {time.perf_counter() - t0:.1f} s")
         else:
             hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
             train_mixer(store, dataset.id, chosen, system["method"], run_dir,

@@ -247,6 +247,8 @@ def weight_figures(store: StemStore, dataset_id: str, run_systems: list[System],
     paths = []
     for system in run_systems:
         mixer = Mixer(Path(system.detail["run"]), device=device)
+        if mixer.method not in ("blend", "conv1x1", "mdx-mixer"):   # no mixing matrix to draw
+            continue
         ins, outs = mixer.spec.input_names(), mixer.spec.output_names()
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in system.name)
         if mixer.method == "blend":

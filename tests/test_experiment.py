@@ -64,7 +64,10 @@ def test_shipped_configs_are_valid():
         assert config["models"] and config.get("systems")
     demo = load_experiment(CONFIGS / "demo.toml")
     assert [m["spec"] for m in demo["models"]] == list(SHIPPED)
-    assert {s["method"] for s in demo["systems"]} == {"blend", "conv1x1", "mdx-mixer"}
+    from mixer.methods import METHODS   # every ensemble method, side by side
+    for name in ("demo", "musdb18-7"):
+        config = load_experiment(CONFIGS / f"{name}.toml")
+        assert {s["method"] for s in config["systems"]} == {"conv1x1", "mdx-mixer", *METHODS}, name
 
 
 def test_bad_experiment_files(tmp_path):
