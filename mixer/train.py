@@ -1,10 +1,12 @@
 """Training a learned mixer (conv1x1 or MDX-Mixer) on cached stems: the `train-mixer` stage.
 
 Training examples are segments of T samples taken every `shift` samples from the train split
-(the last one of a track zero-padded), read straight from the stem store's memmaps; the loss is
+(`fit`, the train split less the selection split, when the epoch is selected on `select`; the
+last segment of a track zero-padded), read straight from the stem store's memmaps; the loss is
 L1 between the mixer's output and the references, on normalised waveforms; the optimizer is
-Adam. Validation uses non-overlapping segments of the valid split (overlap would only repeat
-the same audio). The run folder holds everything `mixer.apply` needs: config.json and mixer.pt.
+Adam. Validation uses non-overlapping segments of the selection split (`valid` by default;
+overlap would only repeat the same audio). The run folder holds everything `mixer.apply` needs:
+config.json and mixer.pt.
 """
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, average_
                           mixture_stats, normalise)
 from mixer.models import INITS, PRESETS, build_mixer
 from pipeline.errors import PipelineError
+from pipeline.splits import fit_split
 from pipeline.training import BEST, LAST, TrainResult, load_checkpoint, save_atomic, train
 
 DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
-SELECTS = ("valid", "last")   # which epoch's weights a run keeps (see train_mixer)
+# which epoch's weights a run keeps: the best on one of these splits, or the last (see train_mixer)
+SELECT_SPLITS = ("valid", "select", "test", "train")
+SELECTS = SELECT_SPLITS + ("last",)
 MIXER = "mixer.pt"
 
 
@@ -99,9 +104,9 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
             "hyper": {"T": T, "F": F, "N": N, "p": p, "init": init},
             "training": {"epochs": epochs, "batch": batch, "lr": lr, "shift": shift, "seed": seed,
                          "max_segments_per_epoch": max_segments_per_epoch, "loss": "l1",
-                         "optimizer": "adam", "split": "train",
+                         "optimizer": "adam", "split": fit_split(select),
                          # the split the kept epoch was chosen on; None: the last epoch was kept
-                         "valid_split": "valid" if select == "valid" else None}}
+                         "valid_split": None if select == "last" else select}}
 
 
 def build_from_config(config: dict) -> torch.nn.Module:
@@ -140,8 +145,11 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     init: 'average' starts from the uniform average of the models' estimates (see
     mixer.models.build_mixer), 'random' from PyTorch's default initialisation.
     select: 'valid' keeps the epoch with the lowest L1 loss on the valid split (the paper's
-    model selection); 'last' keeps the last epoch and never reads the valid split - for datasets
-    whose valid split is also the evaluation split (MUSDB18 previews).
+    model selection); 'select' the lowest on the selection split (a fixed tenth of train, see
+    pipeline.splits; the mixer is then trained on the rest of train, 'fit'), 'test' / 'train' on
+    those; 'last' keeps the last epoch and reads no held-out split. 'select' and 'last' never
+    read the valid split - for datasets whose valid split is the evaluation split (MUSDB18
+    previews).
 
     T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
     Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
@@ -183,8 +191,8 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
 
     torch.manual_seed(seed)   # the initial weights
     model = build_from_config(config)
-    train_set = SegmentDataset(store, dataset_id, spec, "train", T, shift)
-    valid_set = SegmentDataset(store, dataset_id, spec, "valid", T, T) if select == "valid" else None
+    train_set = SegmentDataset(store, dataset_id, spec, fit_split(select), T, shift)
+    valid_set = None if select == "last" else SegmentDataset(store, dataset_id, spec, select, T, T)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
     max_batches = (math.ceil(max_segments_per_epoch / (batch * world))
                    if max_segments_per_epoch else None)

@@ -387,6 +387,34 @@ def test_select_last_keeps_the_last_epoch_without_a_valid_split(tmp_path):
         train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "b", select="best", **kw)
 
 
+def test_select_on_the_selection_split_trains_on_the_rest_of_train(tmp_path, monkeypatch):
+    """select='select': the epoch is chosen on a fixed tenth of train (its loss recorded), the
+    mixer is fitted on the rest ('fit'), and no valid track is read."""
+    store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
+                       splits=(("train", 4), ("valid", 1)), length=2048)
+    select = {t.id for t in store.tracks("toy", "select")}
+    fit = {t.id for t in store.tracks("toy", "fit")}
+    assert len(select) == 1 and len(fit) == 3
+    read = []
+    for method in ("_track_audio", "stems"):
+        original = getattr(StemStore, method)
+
+        def spy(self, *args, _original=original):
+            read.append(args[-1].id)
+            return _original(self, *args)
+
+        monkeypatch.setattr(StemStore, method, spy)
+    result = train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "s", select="select",
+                         preset="tiny", batch=2, lr=1e-2, shift=512, device="cpu", epochs=3,
+                         progress=False)
+    assert set(read) == select | fit
+    assert all(np.isfinite(m["valid_loss"]) for m in result.metrics)
+    best = min(result.metrics, key=lambda m: m["valid_loss"])
+    assert result.best_epoch == best["epoch"]
+    training = json.loads((tmp_path / "s" / "config.json").read_text())["training"]
+    assert training["split"] == "fit" and training["valid_split"] == "select"
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     from pipeline.errors import PipelineError
 
