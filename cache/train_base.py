@@ -786,7 +786,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
     """
-    from pipeline.training import BEST, LAST, METRICS, _distributed, load_checkpoint, train
+    from pipeline.training import (BEST, LAST, METRICS, _distributed, cosine_schedule,
+                                   load_checkpoint, train)
 
     family = family_of(family)
     run_dir = Path(run_dir)
@@ -871,9 +872,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             return None
         if t["lr_schedule"] != "cosine":
             raise PipelineError(f"lr_schedule '{t['lr_schedule']}': choose cosine or constant")
-        total, floor = max(1, t["epochs"]), t["lr_min_ratio"]
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, total) / total)))
+        return cosine_schedule(t["epochs"], t["lr_min_ratio"])(opt)
 
     if torch.cuda.is_available() and (device in (None, "auto") or str(device).startswith("cuda")):
         # TF32 matmuls on Ampere+ GPUs: the usual speed-up for these networks (the losses that

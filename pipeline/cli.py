@@ -332,6 +332,11 @@ def train_mixer_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     init: str = typer.Option("average", help="average: start from the models' uniform average; random: PyTorch's init (the paper's)."),
     select: str = typer.Option("valid", help="Keep the epoch with the lowest loss on this split: valid, select (a fixed tenth of train; the mixer trains on the rest), test or train; or 'last' (no held-out split is read). Use select or last when valid is your evaluation split."),
+    base: Optional[str] = typer.Option(None, help="mdx-mixer: a finished conv1x1 run (folder or name) on the same inputs; the MDX-Mixer then learns per-segment corrections of its W (W_k = W + ΔW_k)."),
+    penalty: float = typer.Option(0.0, help="With --base: weight of the penalty on the corrections ΔW_k."),
+    penalty_norm: str = typer.Option("l2", help="With --base: l2 (mean square) or l1 (mean absolute) penalty."),
+    lr_schedule: str = typer.Option("constant", help="constant, or cosine (per epoch, down to lr/10)."),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
@@ -347,7 +352,9 @@ def train_mixer_cmd(
                          with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
                          batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
                          resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
-                         init=init, select=select)
+                         init=init, select=select, penalty=penalty, penalty_norm=penalty_norm,
+                         base=None if base is None else _run_dir(w, base, Path(base) if Path(base).exists() else None),
+                         lr_schedule=lr_schedule, weight_decay=weight_decay)
     console.print(f"mixer run written to {run} ({result})")
 
 

@@ -47,7 +47,8 @@ def load_experiment(path: str | Path) -> dict:
 COMMON_KEYS = ("name", "method", "models")
 BLEND_KEYS = ("step", "objective", "split")
 MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
-              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture")
+              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture",
+              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay")
 # [[models]] keys; [[train]] keys: train_base's arguments ("model" / "train": its model_options /
 # train_options tables, "batch": batch_size)
 MODELS_KEYS = ("spec", "trained", "name", "repo") + MODEL_OPTIONS
@@ -138,7 +139,7 @@ def validate(config: dict, path) -> dict:
                 t.get("select_split", "valid"), "select_split")
         _honest(path, evaluated, f"[[train]] '{name}' (training data)",
                 "fit" if t.get("select_split") == "select" else "train", "select_split")
-    names = set()
+    names, conv1x1 = set(), []
     for s in config.get("systems", []):
         if s.get("method") not in METHODS:
             raise PipelineError(f"{path}: system '{s.get('name')}' has method {s.get('method')!r}; "
@@ -156,6 +157,11 @@ def validate(config: dict, path) -> dict:
                 _honest(path, evaluated, f"{what} (best epoch)", select, "select")
             _honest(path, evaluated, f"{what} (training data)",
                     "fit" if select == "select" else "train", "select")
+            if "base" in s and s["base"] not in conv1x1:
+                raise PipelineError(f"{path}: {what} has base = {s['base']!r}: name a conv1x1 "
+                                    f"system listed before it ({', '.join(conv1x1) or 'none'})")
+        if s["method"] == "conv1x1":
+            conv1x1.append(s["name"])
         names.add(s["name"])
     return config
 
@@ -284,6 +290,8 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
                 log(f"[blend] {system['name']}: searched in {time.perf_counter() - t0:.1f} s")
         else:
             hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
+            if "base" in hyper:   # the conv1x1 system a residual MDX-Mixer starts from
+                hyper["base"] = runs_dir(work) / f"{name}-{hyper['base']}"
             train_mixer(store, dataset.id, chosen, system["method"], run_dir,
                         with_mixture=system.get("with_mixture", True), device=device,
                         progress=progress, **hyper)

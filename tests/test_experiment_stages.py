@@ -72,6 +72,8 @@ preset = "tiny"
 epochs = 1
 shift = 4096
 select = "last"
+base = "conv1x1"                  # residual: W_k = W + ΔW_k from the conv1x1's W
+penalty = 0.1
 
 [evaluate]
 split = "valid"
@@ -170,6 +172,8 @@ def test_nothing_reads_the_evaluation_split_before_the_evaluation(tmp_path, monk
         assert f"| {system} |" in summary, system
     conv = json.loads((work / "runs" / "honest-conv1x1" / "config.json").read_text())
     assert conv["training"]["split"] == "fit" and conv["training"]["valid_split"] == "select"
+    mdx = json.loads((work / "runs" / "honest-mdx" / "config.json").read_text())
+    assert mdx["hyper"]["residual"]["base"] == str(work / "runs" / "honest-conv1x1")
     blend = json.loads((work / "runs" / "honest-blend" / "config.json").read_text())
     assert sorted(blend["validation"]["tracks"]) == sorted(t.name for t in store.tracks(ds, "select"))
     trained = json.loads((work / "runs" / "tiny-umx" / "config.json").read_text())
@@ -255,6 +259,8 @@ def test_bad_train_and_models_tables(tmp_path):
          "'blend' \\(blend search\\) would use the 'valid' split"),
         (EXPERIMENT.replace('select = "last"', 'select = "valid"'),
          "'mdx' \\(best epoch\\) would use the 'valid' split"),
+        (EXPERIMENT.replace('base = "conv1x1"', 'base = "blend"'),
+         "has base = 'blend': name a conv1x1 system listed before it \\(conv1x1\\)"),
         (EXPERIMENT.replace('selection_split = "select"', 'selection_split = "valid"'),
          "selection_split \\(best per source\\) would use the 'valid' split"),
         (EXPERIMENT.replace('split = "valid"\nselection_split', 'split = "train"\nselection_split'),
