@@ -45,8 +45,12 @@ class SegmentDataset(Dataset):
     """(X, Y) = (normalised inputs [in, T], normalised targets [2S, T]) for every segment."""
 
     def __init__(self, store: StemStore, dataset_id: str, spec: InputSpec, split: str,
-                 segment: int, shift: int):
+                 segment: int, shift: int, jitter: bool = False):
         self.store, self.dataset_id, self.spec, self.segment = store, dataset_id, spec, segment
+        # jitter: each segment starts a random 0..shift-1 samples later than its grid position
+        # (drawn from torch's RNG, which the training loop seeds per epoch): other crops of
+        # the same music every epoch, against over-fitting small data
+        self.shift, self.jitter = shift, jitter
         self.tracks = store.tracks(dataset_id, split)
         if not self.tracks:
             raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to train a mixer on")
@@ -81,6 +85,9 @@ class SegmentDataset(Dataset):
 
     def __getitem__(self, idx: int):
         i, start = self.index[idx]
+        if self.jitter:
+            moved = start + int(torch.randint(self.shift, ()).item())
+            start = moved if moved < self.tracks[i].length else start
         mixture, stems, refs = self._open(i)
         stop = start + self.segment
         x = normalise(assemble_inputs(self.spec, mixture, stems, start, stop), self.stats[i])
@@ -95,7 +102,8 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
                  N: int | None, p: float, epochs: int, batch: int, lr: float, shift: int,
                  seed: int, max_segments_per_epoch: int | None, rate: int = 44100,
                  init: str = "average", select: str = "valid", residual: dict | None = None,
-                 lr_schedule: str = "constant", weight_decay: float = 0.0) -> dict:
+                 lr_schedule: str = "constant", weight_decay: float = 0.0,
+                 jitter: bool = False) -> dict:
     """Everything needed to rebuild, retrain or apply the mixer.
 
     Options added later are recorded only when they differ from their defaults, so the runs made
@@ -118,6 +126,8 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
         config["training"]["lr_schedule"] = lr_schedule
     if weight_decay:
         config["training"]["weight_decay"] = weight_decay
+    if jitter:
+        config["training"]["jitter"] = True
     return config
 
 
@@ -198,7 +208,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                 amp: str = "auto", progress: bool = True, init: str = "average",
                 select: str = "valid", base: str | Path | None = None, penalty: float = 0.0,
                 penalty_norm: str = "l2", lr_schedule: str = "constant",
-                weight_decay: float = 0.0) -> TrainResult:
+                weight_decay: float = 0.0, jitter: bool = False) -> TrainResult:
     """Train a conv1x1 or MDX-Mixer on `dataset_id`'s train split; write run_dir/mixer.pt.
 
     init: 'average' starts from the uniform average of the models' estimates (see
@@ -216,6 +226,8 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     penalty, penalty_norm: with `base`, adds penalty x mean(ΔW_k^2) ('l2') or mean|ΔW_k| ('l1')
     to the training loss, pulling the per-segment corrections toward the time-invariant W.
     lr_schedule: 'constant' or 'cosine' (per epoch, down to a tenth of lr); weight_decay: Adam's.
+    jitter: start each training segment a random 0..shift-1 samples after its grid position,
+    drawn anew every epoch (reproducibly): other crops of the same tracks each epoch.
 
     T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
     Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
@@ -250,7 +262,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                             "conv1x1 run it starts from (base)")
     config = mixer_config(spec, dataset_id, arch, T=T, F=F, N=N, p=p, epochs=epochs, batch=batch,
                           init=init, select=select, residual=residual, lr_schedule=lr_schedule,
-                          weight_decay=weight_decay,
+                          weight_decay=weight_decay, jitter=jitter,
                           lr=lr, shift=shift, seed=seed,
                           max_segments_per_epoch=max_segments_per_epoch,
                           rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))
@@ -272,7 +284,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     if base_weight is not None:
         with torch.no_grad():
             model.base.copy_(base_weight)
-    train_set = SegmentDataset(store, dataset_id, spec, fit_split(select), T, shift)
+    train_set = SegmentDataset(store, dataset_id, spec, fit_split(select), T, shift, jitter)
     valid_set = None if select == "last" else SegmentDataset(store, dataset_id, spec, select, T, T)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
     max_batches = (math.ceil(max_segments_per_epoch / (batch * world))

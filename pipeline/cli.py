@@ -337,6 +337,7 @@ def train_mixer_cmd(
     penalty_norm: str = typer.Option("l2", help="With --base: l2 (mean square) or l1 (mean absolute) penalty."),
     lr_schedule: str = typer.Option("constant", help="constant, or cosine (per epoch, down to lr/10)."),
     weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
+    jitter: bool = typer.Option(False, "--jitter", help="Start each training segment at a random offset (0..shift-1) drawn anew every epoch."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
@@ -354,7 +355,7 @@ def train_mixer_cmd(
                          resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
                          init=init, select=select, penalty=penalty, penalty_norm=penalty_norm,
                          base=None if base is None else _run_dir(w, base, Path(base) if Path(base).exists() else None),
-                         lr_schedule=lr_schedule, weight_decay=weight_decay)
+                         lr_schedule=lr_schedule, weight_decay=weight_decay, jitter=jitter)
     console.print(f"mixer run written to {run} ({result})")
 
 

@@ -48,7 +48,7 @@ COMMON_KEYS = ("name", "method", "models")
 BLEND_KEYS = ("step", "objective", "split")
 MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
               "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture",
-              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay")
+              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay", "jitter")
 # [[models]] keys; [[train]] keys: train_base's arguments ("model" / "train": its model_options /
 # train_options tables, "batch": batch_size)
 MODELS_KEYS = ("spec", "trained", "name", "repo") + MODEL_OPTIONS

@@ -528,3 +528,27 @@ def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_the
         train_mixer(store, "toy", ["m0"], "mdx-mixer", tmp_path / "x", base=conv, **kw)
     with pytest.raises(PipelineError, match="only an mdx-mixer"):
         train_mixer(store, "toy", list(models), "conv1x1", tmp_path / "x", base=conv, **kw)
+
+
+def test_jitter_moves_training_segments_reproducibly(tmp_path):
+    """jitter: each item is its grid segment moved by a random 0..shift-1 samples (within the
+    track), the same for the same torch seed, different for another epoch's seed."""
+    from mixer.train import SegmentDataset
+
+    store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
+                       splits=(("train", 1),), length=4096)
+    spec = InputSpec.from_store(store, "toy", ["m0"], with_mixture=True)
+    fixed = SegmentDataset(store, "toy", spec, "train", 1024, 1024)
+    moved = SegmentDataset(store, "toy", spec, "train", 1024, 1024, jitter=True)
+    x_full = normalise(assemble_inputs(spec, *[store.mixture("toy", "train/train0"),
+                                               {"m0": store.stems("m0", "toy", "train/train0")}],
+                                       0, 4096), fixed.stats[0])
+    starts = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        x, _ = moved[1]
+        found = [s for s in range(1024, 2048) if np.array_equal(x.numpy(), x_full[:, s:s + 1024])]
+        assert len(found) == 1
+        starts.append(found[0])
+    assert starts[0] == starts[1] != starts[2]
+    assert torch.equal(fixed[1][0], torch.from_numpy(x_full[:, 1024:2048]))
