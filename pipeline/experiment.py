@@ -56,7 +56,6 @@ TRAIN_KEYS = ("name", "family", "preset", "epochs", "lr", "seed", "select_split"
               "segment", "samples_per_epoch", "arch", "xumx_loss", "targets", "model", "train",
               "amp", "num_workers")
 EVALUATE_KEYS = ("split", "selection_split", "oracles", "full_metrics", "out")
-SPLITS = ("train", "valid", "test", "select", "fit")
 
 
 def _check_keys(path, what: str, table: dict, allowed) -> None:
