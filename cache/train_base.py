@@ -136,6 +136,7 @@ class BaseTrainResult:
     best_valid: float
     train_seconds: float
     metrics: list[dict] = field(default_factory=list)
+    kept: bool = False      # a finished run with this configuration, left as it was
 
 
 _RESUME_FREE = ("epochs",)   # train options that may change between a run and its resumption
@@ -167,10 +168,27 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
                             f"start over with resume=False (`train-base --fresh`)")
 
 
+def finished_run(run_dir: Path, config: dict) -> BaseTrainResult | None:
+    """The run in `run_dir` when it finished with exactly `config` (its epochs included) and
+    exported its model; None otherwise. Such a run is neither retrained nor re-exported, so the
+    model's files, and the stems cached from them, stay valid."""
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+        done = json.loads((run_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = json.dumps(old, sort_keys=True) == json.dumps(config, sort_keys=True, default=str)
+    if not (same and done.get("epochs") == config["train"]["epochs"]
+            and (run_dir / "model" / CARD).exists()):
+        return None
+    return BaseTrainResult(run_dir / "model", run_dir, config, done["best_epoch"],
+                           done["best_valid"], done.get("train_seconds_total", 0.0), kept=True)
+
+
 def fit_and_select_splits(store: StemStore, dataset_id: str,
                           select_split: str | None) -> tuple[str, str]:
     """(split trained on, split whose loss picks the best epoch) for train-base."""
-    from pipeline.splits import SELECT
+    from pipeline.splits import SELECT, fit_split
 
     if select_split is None:
         select_split = "valid" if store.tracks(dataset_id, "valid") else "train"
@@ -180,7 +198,7 @@ def fit_and_select_splits(store: StemStore, dataset_id: str,
     if not store.tracks(dataset_id, select_split):
         raise PipelineError(f"dataset {dataset_id}: no tracks in the '{select_split}' split to "
                             f"select the best epoch on")
-    return ("fit" if select_split == SELECT else "train"), select_split
+    return fit_split(select_split), select_split
 
 
 def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "small",
@@ -221,7 +239,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
         device: 'cpu', 'cuda', 'cuda:1' (default: cuda when available); under torchrun each rank
             uses cuda:LOCAL_RANK and the data is split over ranks (DDP).
         resume: continue from run_dir/last.pt when present (the configuration must match; only
-            `epochs` may change); False starts over in run_dir.
+            `epochs` may change); False starts over in run_dir. A run that finished with exactly
+            this configuration is returned as it is (`kept`), neither retrained nor re-exported.
         amp: CUDA autocast 'off' (default), 'auto', 'bf16' or 'fp16'. Demucs models cannot run
             under autocast (their complex spectrogram branch needs float32).
         num_workers: DataLoader worker processes.
@@ -234,7 +253,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
     """
-    from pipeline.training import BEST, LAST, METRICS, _distributed, load_checkpoint, train
+    from pipeline.training import (BEST, LAST, METRICS, _distributed, cosine_schedule,
+                                   load_checkpoint, train)
 
     family = family_of(family)
     run_dir = Path(run_dir)
@@ -273,6 +293,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                           "select_tracks": [x.name for x in store.tracks(dataset_id, valid_split)]})
     t = config["train"]
 
+    if resume and (kept := finished_run(run_dir, config)) is not None:
+        return kept
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if resume and (run_dir / LAST).exists():
@@ -311,9 +333,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             return None
         if t["lr_schedule"] != "cosine":
             raise PipelineError(f"lr_schedule '{t['lr_schedule']}': choose cosine or constant")
-        total, floor = max(1, t["epochs"]), t["lr_min_ratio"]
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, total) / total)))
+        return cosine_schedule(t["epochs"], t["lr_min_ratio"])(opt)
 
     if torch.cuda.is_available() and (device in (None, "auto") or str(device).startswith("cuda")):
         # TF32 matmuls on Ampere+ GPUs: the usual speed-up for these networks (the losses that

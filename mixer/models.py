@@ -6,6 +6,10 @@ the output is always a linear combination of the inputs; what differs is where W
 * Conv1x1Mixer (section 3.1): one W for every segment of every track (a 1x1 convolution).
 * MDXMixer (section 3.2): W_k predicted from the segment itself by an MLP-Mixer over the folded
   segment, so the mix can follow the music (e.g. trust another model for vocals in a solo).
+  The residual form (ours, for small data) learns W_k = W + ΔW_k: W a time-invariant matrix
+  started from a trained conv1x1's, the network predicting only the correction ΔW_k, which
+  training penalises toward zero (mixer.train's `penalty`), so the mix departs from the
+  time-invariant one only where the training music pays for it.
 """
 from __future__ import annotations
 
@@ -95,10 +99,13 @@ class MixerLayer(nn.Module):
 
 
 class MDXMixer(nn.Module):
-    """W_k = FC(GAP(Mixer^N(fold(X_k)))) in R^{in x out}; Y_k = X_k W_k."""
+    """W_k = FC(GAP(Mixer^N(fold(X_k)))) in R^{in x out}; Y_k = X_k W_k.
+
+    residual: W_k = W + FC(...) with a learned time-invariant W (`base`); the last batch's
+    corrections ΔW_k stay in `last_delta` for the training loss's penalty."""
 
     def __init__(self, in_ch: int, out_ch: int, T: int = 2 ** 18, F: int = 2 ** 7, N: int = 8,
-                 p: float = 0.0):
+                 p: float = 0.0, residual: bool = False):
         super().__init__()
         if T % F:
             raise ValueError(f"T={T} is not a multiple of F={F}")
@@ -106,13 +113,19 @@ class MDXMixer(nn.Module):
         rows, cols = T // F, in_ch * F
         self.layers = nn.Sequential(*[MixerLayer(rows, cols, p) for _ in range(N)])
         self.head = nn.Linear(cols, in_ch * out_ch)
+        self.base = nn.Parameter(torch.zeros(in_ch, out_ch)) if residual else None
+        self.last_delta = None
 
     def mixing_weights(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.T:
             raise ValueError(f"MDXMixer takes segments of exactly T={self.T} samples, "
                              f"got {x.shape[-1]}")
         z = self.layers(fold(x, self.F))
-        return self.head(z.mean(dim=1)).view(x.shape[0], self.in_ch, self.out_ch)
+        w = self.head(z.mean(dim=1)).view(x.shape[0], self.in_ch, self.out_ch)
+        if self.base is None:
+            return w
+        self.last_delta = w
+        return self.base + w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_mixing(x, self.mixing_weights(x))
@@ -122,12 +135,13 @@ INITS = ("average", "random")
 
 
 def build_mixer(arch: str, in_ch: int, out_ch: int, T: int, F: int | None, N: int | None,
-                p: float, start: torch.Tensor | None = None) -> nn.Module:
+                p: float, start: torch.Tensor | None = None, residual: bool = False) -> nn.Module:
     """`start` [in, out]: the mixing the untrained model applies (None: PyTorch's random init).
 
     Starting from the uniform average of the base models (mixer.inputs.average_mixing) means a
     short CPU training refines a sensible ensemble instead of first having to find one; the
-    MDX-Mixer's head then starts with zero weights and `start` as its bias.
+    MDX-Mixer's head then starts with zero weights and `start` as its bias (residual: as its
+    time-invariant W, the head's bias zero: no correction yet).
     """
     if arch == "conv1x1":
         model = Conv1x1Mixer(in_ch, out_ch)
@@ -136,10 +150,13 @@ def build_mixer(arch: str, in_ch: int, out_ch: int, T: int, F: int | None, N: in
                 model.weight.copy_(start)
         return model
     if arch == "mdx-mixer":
-        model = MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p)
-        if start is not None:
+        model = MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p, residual=residual)
+        if start is not None or residual:
             with torch.no_grad():
                 model.head.weight.zero_()
-                model.head.bias.copy_(start.reshape(-1))
+                model.head.bias.zero_()
+                target = model.base if residual else model.head.bias
+                if start is not None:
+                    target.copy_(start.reshape(target.shape))
         return model
     raise ValueError(f"unknown mixer architecture '{arch}' (conv1x1, mdx-mixer)")

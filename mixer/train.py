@@ -1,10 +1,12 @@
 """Training a learned mixer (conv1x1 or MDX-Mixer) on cached stems: the `train-mixer` stage.
 
 Training examples are segments of T samples taken every `shift` samples from the train split
-(the last one of a track zero-padded), read straight from the stem store's memmaps; the loss is
+(`fit`, the train split less the selection split, when the epoch is selected on `select`; the
+last segment of a track zero-padded), read straight from the stem store's memmaps; the loss is
 L1 between the mixer's output and the references, on normalised waveforms; the optimizer is
-Adam. Validation uses non-overlapping segments of the valid split (overlap would only repeat
-the same audio). The run folder holds everything `mixer.apply` needs: config.json and mixer.pt.
+Adam. Validation uses non-overlapping segments of the selection split (`valid` by default;
+overlap would only repeat the same audio). The run folder holds everything `mixer.apply` needs:
+config.json and mixer.pt.
 """
 from __future__ import annotations
 
@@ -16,15 +18,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache.store import StemStore, read_json, write_json_atomic
+from cache.store import StemStore, read_json, sha256_file, write_json_atomic
 from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, average_mixing,
                           mixture_stats, normalise)
 from mixer.models import INITS, PRESETS, build_mixer
 from pipeline.errors import PipelineError
-from pipeline.training import BEST, LAST, TrainResult, load_checkpoint, save_atomic, train
+from pipeline.splits import fit_split
+from pipeline.training import (BEST, LAST, TrainResult, cosine_schedule, load_checkpoint,
+                               save_atomic, train)
 
 DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
-SELECTS = ("valid", "last")   # which epoch's weights a run keeps (see train_mixer)
+# which epoch's weights a run keeps: the best on one of these splits, or the last (see train_mixer)
+SELECT_SPLITS = ("valid", "select", "test", "train")
+SELECTS = SELECT_SPLITS + ("last",)
 MIXER = "mixer.pt"
 
 
@@ -39,8 +45,12 @@ class SegmentDataset(Dataset):
     """(X, Y) = (normalised inputs [in, T], normalised targets [2S, T]) for every segment."""
 
     def __init__(self, store: StemStore, dataset_id: str, spec: InputSpec, split: str,
-                 segment: int, shift: int):
+                 segment: int, shift: int, jitter: bool = False):
         self.store, self.dataset_id, self.spec, self.segment = store, dataset_id, spec, segment
+        # jitter: each segment starts a random 0..shift-1 samples later than its grid position
+        # (drawn from torch's RNG, which the training loop seeds per epoch): other crops of
+        # the same music every epoch, against over-fitting small data
+        self.shift, self.jitter = shift, jitter
         self.tracks = store.tracks(dataset_id, split)
         if not self.tracks:
             raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to train a mixer on")
@@ -75,6 +85,9 @@ class SegmentDataset(Dataset):
 
     def __getitem__(self, idx: int):
         i, start = self.index[idx]
+        if self.jitter:
+            moved = start + int(torch.randint(self.shift, ()).item())
+            start = moved if moved < self.tracks[i].length else start
         mixture, stems, refs = self._open(i)
         stop = start + self.segment
         x = normalise(assemble_inputs(self.spec, mixture, stems, start, stop), self.stats[i])
@@ -88,9 +101,14 @@ class SegmentDataset(Dataset):
 def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int | None,
                  N: int | None, p: float, epochs: int, batch: int, lr: float, shift: int,
                  seed: int, max_segments_per_epoch: int | None, rate: int = 44100,
-                 init: str = "average", select: str = "valid") -> dict:
-    """Everything needed to rebuild, retrain or apply the mixer."""
-    return {"method": arch, "dataset": dataset_id, "rate": rate, "inputs": spec.to_dict(),
+                 init: str = "average", select: str = "valid", residual: dict | None = None,
+                 lr_schedule: str = "constant", weight_decay: float = 0.0,
+                 jitter: bool = False) -> dict:
+    """Everything needed to rebuild, retrain or apply the mixer.
+
+    Options added later are recorded only when they differ from their defaults, so the runs made
+    before them keep their configuration (and stay resumable and finished)."""
+    config = {"method": arch, "dataset": dataset_id, "rate": rate, "inputs": spec.to_dict(),
             "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
                        zip(spec.model_keys, spec.model_names, spec.model_sources)],
             "sources": list(spec.targets), "with_mixture": spec.with_mixture,
@@ -99,18 +117,72 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, T: int, F: int 
             "hyper": {"T": T, "F": F, "N": N, "p": p, "init": init},
             "training": {"epochs": epochs, "batch": batch, "lr": lr, "shift": shift, "seed": seed,
                          "max_segments_per_epoch": max_segments_per_epoch, "loss": "l1",
-                         "optimizer": "adam", "split": "train",
+                         "optimizer": "adam", "split": fit_split(select),
                          # the split the kept epoch was chosen on; None: the last epoch was kept
-                         "valid_split": "valid" if select == "valid" else None}}
+                         "valid_split": None if select == "last" else select}}
+    if residual:
+        config["hyper"]["residual"] = residual
+    if lr_schedule != "constant":
+        config["training"]["lr_schedule"] = lr_schedule
+    if weight_decay:
+        config["training"]["weight_decay"] = weight_decay
+    if jitter:
+        config["training"]["jitter"] = True
+    return config
 
 
 def build_from_config(config: dict) -> torch.nn.Module:
+    """The untrained mixer (a residual one with W = 0: train_mixer sets it from its base run,
+    a trained mixer's state dict holds it)."""
     h = config["hyper"]
     start = None
-    if h.get("init", "random") == "average":
+    if h.get("init", "random") == "average" and not h.get("residual"):
         start = torch.from_numpy(average_mixing(InputSpec.from_dict(config["inputs"])))
     return build_mixer(config["method"], config["in_channels"], config["out_channels"],
-                       T=h["T"], F=h["F"], N=h["N"], p=h["p"], start=start)
+                       T=h["T"], F=h["F"], N=h["N"], p=h["p"], start=start,
+                       residual=bool(h.get("residual")))
+
+
+PENALTY_NORMS = ("l2", "l1")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def residual_base(base: str | Path, spec: InputSpec, penalty: float,
+                  penalty_norm: str) -> tuple[dict, torch.Tensor]:
+    """(the config's `residual` entry, the W [in, out]) of a finished conv1x1 run folder."""
+    base = Path(base)
+    path = base / MIXER
+    if not path.exists():
+        raise PipelineError(f"{path}: missing; the residual MDX-Mixer starts from a finished "
+                            f"conv1x1 run (train it first)")
+    config = read_json(base / "config.json")
+    if config.get("method") != "conv1x1":
+        raise PipelineError(f"{base}: a {config.get('method')} run; the residual MDX-Mixer starts "
+                            f"from a conv1x1 run")
+    if config["inputs"] != spec.to_dict():
+        raise PipelineError(f"{base}: the conv1x1 run mixes other inputs (models or mixture) "
+                            f"than this mixer; train both on the same ones")
+    if penalty < 0 or penalty_norm not in PENALTY_NORMS:
+        raise PipelineError(f"penalty {penalty} ({penalty_norm}): a weight >= 0 and a norm in "
+                            f"{', '.join(PENALTY_NORMS)}")
+    weight = torch.load(path, map_location="cpu", weights_only=True)["weight"]
+    entry = {"base": str(base.resolve()), "base_sha256": sha256_file(path),
+             "penalty": penalty, "penalty_norm": penalty_norm}
+    return entry, weight
+
+
+def penalised(model: torch.nn.Module, penalty: float, norm: str):
+    """The training loss: L1, plus `penalty` x the mean square (l2) or mean absolute value (l1)
+    of the residual MDX-Mixer's corrections ΔW_k while training (validation: L1 alone)."""
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = l1_loss(outputs, targets)
+        delta = getattr(model, "last_delta", None)
+        if penalty and model.training and delta is not None:
+            size = delta.float().abs() if norm == "l1" else delta.float() ** 2
+            value = value + penalty * size.mean()
+        return value
+
+    return loss
 
 
 def _check_resumable(run_dir: Path, config: dict) -> None:
@@ -134,14 +206,28 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                 shift: int = 2 ** 15, seed: int = 0, device=None, resume: bool = True,
                 max_segments_per_epoch: int | None = None, num_workers: int = 0,
                 amp: str = "auto", progress: bool = True, init: str = "average",
-                select: str = "valid") -> TrainResult:
+                select: str = "valid", base: str | Path | None = None, penalty: float = 0.0,
+                penalty_norm: str = "l2", lr_schedule: str = "constant",
+                weight_decay: float = 0.0, jitter: bool = False) -> TrainResult:
     """Train a conv1x1 or MDX-Mixer on `dataset_id`'s train split; write run_dir/mixer.pt.
 
     init: 'average' starts from the uniform average of the models' estimates (see
     mixer.models.build_mixer), 'random' from PyTorch's default initialisation.
     select: 'valid' keeps the epoch with the lowest L1 loss on the valid split (the paper's
-    model selection); 'last' keeps the last epoch and never reads the valid split - for datasets
-    whose valid split is also the evaluation split (MUSDB18 previews).
+    model selection); 'select' the lowest on the selection split (a fixed tenth of train, see
+    pipeline.splits; the mixer is then trained on the rest of train, 'fit'), 'test' / 'train' on
+    those; 'last' keeps the last epoch and reads no held-out split. 'select' and 'last' never
+    read the valid split - for datasets whose valid split is the evaluation split (MUSDB18
+    previews).
+
+    base: mdx-mixer only: a finished conv1x1 run folder on the same inputs; the MDX-Mixer is then
+    residual, W_k = W + ΔW_k, W started from the conv1x1's and ΔW_k from zero (the network's
+    head zeroed), so training starts from the conv1x1's result.
+    penalty, penalty_norm: with `base`, adds penalty x mean(ΔW_k^2) ('l2') or mean|ΔW_k| ('l1')
+    to the training loss, pulling the per-segment corrections toward the time-invariant W.
+    lr_schedule: 'constant' or 'cosine' (per epoch, down to a tenth of lr); weight_decay: Adam's.
+    jitter: start each training segment a random 0..shift-1 samples after its grid position,
+    drawn anew every epoch (reproducibly): other crops of the same tracks each epoch.
 
     T, F, N default to the preset's ('paper': 2^18, 2^7, 8); conv1x1 uses only T (its segment).
     Re-running with the same arguments resumes an interrupted run; a larger `epochs` continues it.
@@ -163,8 +249,20 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
         raise PipelineError(f"mixer init '{init}': choose one of {', '.join(INITS)}")
     if select not in SELECTS:
         raise PipelineError(f"mixer select '{select}': choose one of {', '.join(SELECTS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PipelineError(f"mixer lr_schedule '{lr_schedule}': choose one of "
+                            f"{', '.join(LR_SCHEDULES)}")
+    residual = base_weight = None
+    if base is not None:
+        if arch != "mdx-mixer":
+            raise PipelineError(f"base: only an mdx-mixer starts from a conv1x1 run (arch {arch})")
+        residual, base_weight = residual_base(base, spec, penalty, penalty_norm)
+    elif penalty:
+        raise PipelineError("penalty: it weighs the residual MDX-Mixer's corrections; give the "
+                            "conv1x1 run it starts from (base)")
     config = mixer_config(spec, dataset_id, arch, T=T, F=F, N=N, p=p, epochs=epochs, batch=batch,
-                          init=init, select=select,
+                          init=init, select=select, residual=residual, lr_schedule=lr_schedule,
+                          weight_decay=weight_decay, jitter=jitter,
                           lr=lr, shift=shift, seed=seed,
                           max_segments_per_epoch=max_segments_per_epoch,
                           rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))
@@ -183,14 +281,18 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
 
     torch.manual_seed(seed)   # the initial weights
     model = build_from_config(config)
-    train_set = SegmentDataset(store, dataset_id, spec, "train", T, shift)
-    valid_set = SegmentDataset(store, dataset_id, spec, "valid", T, T) if select == "valid" else None
+    if base_weight is not None:
+        with torch.no_grad():
+            model.base.copy_(base_weight)
+    train_set = SegmentDataset(store, dataset_id, spec, fit_split(select), T, shift, jitter)
+    valid_set = None if select == "last" else SegmentDataset(store, dataset_id, spec, select, T, T)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
     max_batches = (math.ceil(max_segments_per_epoch / (batch * world))
                    if max_segments_per_epoch else None)
-    result = train(model, l1_loss, train_set, valid_set,
-                   lambda params: torch.optim.Adam(params, lr=lr),
+    result = train(model, penalised(model, penalty, penalty_norm), train_set, valid_set,
+                   lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
                    epochs=epochs, batch_size=batch, seed=seed, run_dir=run_dir, device=device,
+                   make_scheduler=(cosine_schedule(epochs) if lr_schedule == "cosine" else None),
                    num_workers=num_workers, amp=amp, max_batches_per_epoch=max_batches,
                    resume=resume, progress=progress)
     if writer:

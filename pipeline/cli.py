@@ -398,7 +398,13 @@ def train_mixer_cmd(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     seed: int = typer.Option(0, help="Random seed."),
     init: str = typer.Option("average", help="average: start from the models' uniform average; random: PyTorch's init (the paper's)."),
-    select: str = typer.Option("valid", help="Keep the epoch with the lowest loss on the valid split, or the last one ('last': the valid split is never read; use it when valid is also your evaluation split)."),
+    select: str = typer.Option("valid", help="Keep the epoch with the lowest loss on this split: valid, select (a fixed tenth of train; the mixer trains on the rest), test or train; or 'last' (no held-out split is read). Use select or last when valid is your evaluation split."),
+    base: Optional[str] = typer.Option(None, help="mdx-mixer: a finished conv1x1 run (folder or name) on the same inputs; the MDX-Mixer then learns per-segment corrections of its W (W_k = W + ΔW_k)."),
+    penalty: float = typer.Option(0.0, help="With --base: weight of the penalty on the corrections ΔW_k."),
+    penalty_norm: str = typer.Option("l2", help="With --base: l2 (mean square) or l1 (mean absolute) penalty."),
+    lr_schedule: str = typer.Option("constant", help="constant, or cosine (per epoch, down to lr/10)."),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
+    jitter: bool = typer.Option(False, "--jitter", help="Start each training segment at a random offset (0..shift-1) drawn anew every epoch."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
@@ -414,7 +420,9 @@ def train_mixer_cmd(
                          with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
                          batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
                          resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
-                         init=init, select=select)
+                         init=init, select=select, penalty=penalty, penalty_norm=penalty_norm,
+                         base=None if base is None else _run_dir(w, base, Path(base) if Path(base).exists() else None),
+                         lr_schedule=lr_schedule, weight_decay=weight_decay, jitter=jitter)
     console.print(f"mixer run written: {result.summary()}")
 
 
@@ -426,7 +434,7 @@ def evaluate_cmd(
     all_runs: bool = typer.Option(False, "--all-runs", help="Every run folder in <work>/runs for this dataset."),
     estimates: List[str] = typer.Option([], "--estimates", help="NAME=DIR: score a folder of estimates (museval layout) too."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    selection_split: str = typer.Option("valid", help="Split used to pick the best base model per source."),
+    selection_split: str = typer.Option("valid", help="Split used to pick the best base model per source (valid, train, select, ...)."),
     oracles: bool = typer.Option(True, "--oracles/--no-oracles", help="Add oracle references (mixture, IRM)."),
     full_metrics: bool = typer.Option(False, "--full-metrics", help="Also ISR/SIR/SAR through museval (slow)."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default <work>/reports/<dataset>-<split>)."),

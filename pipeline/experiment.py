@@ -1,8 +1,15 @@
 """`pipeline run CONFIG`: one experiment file drives every stage in order.
 
-The file (TOML or YAML) names the dataset, the base models and their inference options, the
-systems to build and the evaluation. Each stage skips what the stem store and earlier runs
-already hold, so running an unchanged experiment again only re-reads and re-prints the report.
+The file (TOML or YAML) names the dataset, the base models to train (`[[train]]`, each a
+`cache.train_base.train_base` run in <work>/runs/<name>), the base models to cache and their
+inference options (`[[models]]`: a pretrained name, a path, or `trained = "<a [[train]] name>"`),
+the systems to build and the evaluation. Each stage skips what the stem store and earlier runs
+already hold and resumes what was interrupted, so running an unchanged experiment again only
+re-reads and re-prints the report.
+
+Stage order keeps the evaluation split unread until the evaluation: ingest, train base models,
+cache every split but the evaluation split, blend / mixers, cache the evaluation split, evaluate.
+`validate` refuses a stage that would fit or select on the evaluation split.
 """
 from __future__ import annotations
 
@@ -42,7 +49,67 @@ def load_experiment(path: str | Path) -> dict:
 # selection file (`pipeline select-models`) instead of listing `models`.
 COMMON_KEYS = ("name", "method", "models", "models_from")
 MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
-              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture")
+              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture",
+              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay", "jitter")
+# [[models]] keys; [[train]] keys: train_base's arguments ("model" / "train": its model_options /
+# train_options tables, "batch": batch_size)
+MODELS_KEYS = ("spec", "trained", "name", "repo") + MODEL_OPTIONS
+TRAIN_KEYS = ("name", "family", "preset", "epochs", "lr", "seed", "select_split", "batch",
+              "segment", "samples_per_epoch", "arch", "xumx_loss", "targets", "model", "train",
+              "amp", "num_workers")
+EVALUATE_KEYS = ("split", "selection_split", "oracles", "full_metrics", "out")
+
+
+def _check_keys(path, what: str, table: dict, allowed) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:   # a typo would otherwise silently fall back to a default
+        raise PipelineError(f"{path}: {what} has unknown key(s) {', '.join(unknown)}; "
+                            f"allowed: {', '.join(allowed)}")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two splits share tracks (select and fit are parts of train)."""
+    part_of = {"select": "train", "fit": "train"}
+    return a == b or part_of.get(a) == b or part_of.get(b) == a
+
+
+def _honest(path, evaluated: str, what: str, split: str, key: str) -> None:
+    if _overlap(split, evaluated):
+        raise PipelineError(f"{path}: {what} would use the '{split}' split, which overlaps the "
+                            f"evaluation split '{evaluated}'; set {key} to another split (e.g. "
+                            f"'select', a fixed tenth of train)")
+
+
+def _validate_train(stages: list, path) -> dict[str, dict]:
+    from cache.train_base import PRESET_NAMES, resolve_config
+
+    if not isinstance(stages, list):
+        raise PipelineError(f"{path}: 'train' must be a list of [[train]] tables")
+    by_name = {}
+    for t in stages:
+        name = t.get("name")
+        if not name or not isinstance(name, str) or name in by_name:
+            raise PipelineError(f"{path}: every [[train]] needs a unique 'name' (its run folder "
+                                f"<work>/runs/<name>), got {name!r}")
+        check_name(name, f"{path}: [[train]] name")
+        _check_keys(path, f"[[train]] '{name}'", t, TRAIN_KEYS)
+        if "family" not in t:
+            raise PipelineError(f"{path}: [[train]] '{name}' needs a 'family' (umx, xumx, demucs, roformer)")
+        preset = t.get("preset", "small")
+        if preset not in PRESET_NAMES:
+            raise PipelineError(f"{path}: [[train]] '{name}' has preset {preset!r}; choose one of "
+                                f"{', '.join(PRESET_NAMES)}")
+        for sub in ("model", "train"):
+            if not isinstance(t.get(sub, {}), dict):
+                raise PipelineError(f"{path}: [[train]] '{name}': '{sub}' must be a table of options")
+        try:   # the family's own check of its options, before hours of other stages
+            resolve_config(t["family"], preset, sample_rate=44100, n_train_tracks=1,
+                           targets=["x"], model_options=t.get("model"),
+                           train_options=t.get("train"))
+        except PipelineError as e:
+            raise PipelineError(f"{path}: [[train]] '{name}': {e}") from None
+        by_name[name] = t
+    return by_name
 
 
 def validate(config: dict, path) -> dict:
@@ -55,12 +122,30 @@ def validate(config: dict, path) -> dict:
     check_name(config["name"], f"{path}: experiment name")
     if not isinstance(config["models"], list) or not config["models"]:
         raise PipelineError(f"{path}: 'models' must be a non-empty list of [[models]] tables")
+    trained = _validate_train(config.get("train", []), path)
     for m in config["models"]:
-        if "spec" not in m:
-            raise PipelineError(f"{path}: every [[models]] needs a 'spec' (pretrained name, shipped name or path)")
+        what = f"[[models]] '{m.get('name') or m.get('spec') or m.get('trained')}'"
+        _check_keys(path, what, m, MODELS_KEYS)
+        if ("spec" in m) == ("trained" in m):
+            raise PipelineError(f"{path}: every [[models]] needs either a 'spec' (pretrained name, "
+                                f"shipped name or path) or 'trained' (the name of a [[train]] stage)")
+        if "trained" in m and m["trained"] not in trained:
+            raise PipelineError(f"{path}: {what} refers to trained = {m['trained']!r}, which is "
+                                f"not a [[train]] stage ({', '.join(trained) or 'none declared'})")
+    ev = config.get("evaluate", {})
+    _check_keys(path, "[evaluate]", ev, EVALUATE_KEYS)
+    evaluated = ev.get("split", "test")
+    _honest(path, evaluated, "[evaluate] selection_split (best per source)",
+            ev.get("selection_split", "valid"), "selection_split")
+    for name, t in trained.items():
+        # train_base's default: the valid split when the dataset has one
+        _honest(path, evaluated, f"[[train]] '{name}' (best epoch)",
+                t.get("select_split", "valid"), "select_split")
+        _honest(path, evaluated, f"[[train]] '{name}' (training data)",
+                "fit" if t.get("select_split") == "select" else "train", "select_split")
     from mixer.methods import OPTIONS
 
-    names = set()
+    names, conv1x1 = set(), []
     for s in config.get("systems", []):
         if s.get("method") not in tuple(OPTIONS) + MIXERS:
             raise PipelineError(f"{path}: system '{s.get('name')}' has method {s.get('method')!r}; "
@@ -71,11 +156,25 @@ def validate(config: dict, path) -> dict:
         if "models" in s and "models_from" in s:
             raise PipelineError(f"{path}: system '{s['name']}' has both 'models' and "
                                 f"'models_from'; give one")
-        allowed = COMMON_KEYS + (tuple(OPTIONS[s["method"]]) if s["method"] in OPTIONS else MIXER_KEYS)
-        unknown = sorted(set(s) - set(allowed))
-        if unknown:   # a typo would otherwise silently fall back to a default
-            raise PipelineError(f"{path}: system '{s['name']}' ({s['method']}) has unknown "
-                                f"key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        method = s["method"]
+        allowed = COMMON_KEYS + (tuple(OPTIONS[method]) if method in OPTIONS else MIXER_KEYS)
+        _check_keys(path, f"system '{s['name']}' ({method})", s, allowed)
+        what = f"system '{s['name']}'"
+        if method in OPTIONS:
+            if "split" in OPTIONS[method]:   # blend, band-blend: the split their weights are searched on
+                _honest(path, evaluated, f"{what} ({method} search)",
+                        s.get("split", OPTIONS[method]["split"]), "split")
+        else:
+            select = s.get("select", "valid")
+            if select != "last":
+                _honest(path, evaluated, f"{what} (best epoch)", select, "select")
+            _honest(path, evaluated, f"{what} (training data)",
+                    "fit" if select == "select" else "train", "select")
+            if "base" in s and s["base"] not in conv1x1:
+                raise PipelineError(f"{path}: {what} has base = {s['base']!r}: name a conv1x1 "
+                                    f"system listed before it ({', '.join(conv1x1) or 'none'})")
+        if method == "conv1x1":
+            conv1x1.append(s["name"])
         names.add(s["name"])
     return config
 
@@ -101,11 +200,71 @@ def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> l
     return [_model_ref(r, keys) for r in system.get("models", [])] or all_keys
 
 
+def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: str,
+                 progress: bool, log) -> dict[str, Path]:
+    """Train (or resume, or keep as finished) every [[train]] stage; {name: its model folder}."""
+    from cache.train_base import train_base
+    from pipeline.config import runs_dir
+
+    models = {}
+    for t in config.get("train", []):
+        t0 = time.perf_counter()
+        run_dir = runs_dir(work) / t["name"]
+        result = train_base(
+            store, dataset_id, t["family"], t.get("preset", "small"), run_dir,
+            targets=t.get("targets"), seed=t.get("seed", 0), epochs=t.get("epochs"),
+            batch_size=t.get("batch"), segment=t.get("segment"),
+            samples_per_epoch=t.get("samples_per_epoch"), lr=t.get("lr"), arch=t.get("arch"),
+            xumx_loss=t.get("xumx_loss"), model_options=t.get("model"),
+            train_options=t.get("train"), device=device, amp=t.get("amp", "off"),
+            num_workers=t.get("num_workers", 0), progress=progress,
+            select_split=t.get("select_split"),
+            command=f"pipeline run ({config['name']}, [[train]] {t['name']})")
+        state = ("finished earlier, kept" if result.kept else
+                 f"trained in {time.perf_counter() - t0:.0f} s")
+        log(f"[train] {t['name']}: {state} (best epoch {result.best_epoch} of "
+            f"{result.config['train']['epochs']}, {result.config['splits']['select']} loss "
+            f"{result.best_valid:.4g})")
+        models[t["name"]] = result.model_dir
+    return models
+
+
+def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
+                progress: bool, log) -> dict[str, str]:
+    """Cache every [[models]] entry on `splits` (None: all); {spec, name, trained name: key}."""
+    from cache.registry import load_separator
+    from cache.run import cache_model
+
+    keys: dict[str, str] = {}
+    for m in config["models"]:
+        options = {k: m[k] for k in MODEL_OPTIONS if k in m}
+        spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
+        sep = load_separator(spec, device=device, offline=config.get("offline", True),
+                             repo=m.get("repo"), options=options)
+        spec = str(Path(spec).resolve()) if Path(spec).exists() else spec
+        s = cache_model(store, dataset, sep, splits=splits, progress=progress,
+                        load={"spec": spec, "repo": m.get("repo"), "options": options})
+        for ref in (m.get("spec"), m.get("trained"), m.get("name", sep.name)):
+            if ref:
+                keys[ref] = s["key"]
+        log(f"[cache] {sep.name}: {s['computed']} tracks separated, {s['skipped']} cached "
+            f"({s['seconds']:.1f} s)")
+    return keys
+
+
+def _cache_phases(config: dict, evaluated: str) -> tuple[list[str] | None, list[str]]:
+    """(splits cached before fitting anything, splits cached just before the evaluation)."""
+    wanted = list(config["cache_splits"]) if config.get("cache_splits") else None
+    if evaluated not in ("train", "valid", "test"):
+        return wanted, []   # a derived split shares its tracks' split with fitting: no phases
+    first = [s for s in (wanted or ("train", "valid", "test")) if s != evaluated]
+    return first, ([evaluated] if wanted is None or evaluated in wanted else [])
+
+
 def run_experiment(config: dict, work: Path, *, device: str | None = None, progress: bool = True,
                    log=print) -> dict:
     """Execute the stages; returns the evaluation result (summary text, report folder)."""
-    from cache.registry import load_separator
-    from cache.run import cache_model, ingest_dataset
+    from cache.run import ingest_dataset
     from cache.store import StemStore
     from mixer import methods
     from mixer.train import train_mixer
@@ -131,21 +290,14 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     ingest_dataset(store, dataset, progress=progress)
     log(f"[dataset] {dataset}")
 
-    splits = None
-    if config.get("cache_splits"):
-        splits = list(config["cache_splits"])
-    keys: dict[str, str] = {}
-    for m in config["models"]:
-        options = {k: m[k] for k in MODEL_OPTIONS if k in m}
-        sep = load_separator(m["spec"], device=device, offline=config.get("offline", True),
-                             repo=m.get("repo"), options=options)
-        spec = str(Path(m["spec"]).resolve()) if Path(m["spec"]).exists() else m["spec"]
-        s = cache_model(store, dataset, sep, splits=splits, progress=progress,
-                        load={"spec": spec, "repo": m.get("repo"), "options": options})
-        keys[m["spec"]] = keys[m.get("name", sep.name)] = s["key"]
-        log(f"[cache] {sep.name}: {s['computed']} tracks separated, {s['skipped']} cached "
-            f"({s['seconds']:.1f} s)")
-    all_keys = list(dict.fromkeys(keys[m["spec"]] for m in config["models"]))
+    trained = train_stages(config, store, dataset.id, work, device=device, progress=progress,
+                           log=log)
+    ev = config.get("evaluate", {})
+    split = ev.get("split", "test")
+    before, after = _cache_phases(config, split)
+    keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
+                       progress=progress, log=log)
+    all_keys = list(dict.fromkeys(keys[m.get("spec") or m["trained"]] for m in config["models"]))
 
     runs = []
     for system in config.get("systems", []):
@@ -162,14 +314,17 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
                 log(f"[{method}] {system['name']}: built in {time.perf_counter() - t0:.1f} s")
         else:
             hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
+            if "base" in hyper:   # the conv1x1 system a residual MDX-Mixer starts from
+                hyper["base"] = runs_dir(work) / f"{name}-{hyper['base']}"
             train_mixer(store, dataset.id, chosen, system["method"], run_dir,
                         with_mixture=system.get("with_mixture", True), device=device,
                         progress=progress, **hyper)
             log(f"[train-mixer] {system['name']}: {time.perf_counter() - t0:.1f} s")
         runs.append((system["name"], run_dir))
 
-    ev = config.get("evaluate", {})
-    split = ev.get("split", "test")
+    if after:   # everything is fitted: only now are the evaluation tracks separated
+        cache_stage(config, store, dataset, trained, splits=after, device=device,
+                    progress=progress, log=log)
     out = Path(ev["out"]) if ev.get("out") else reports_dir(work) / name
     result = evaluate(store, dataset.id, models=all_keys, runs=runs, split=split, out=out,
                       cache_root=work / "evalcache", selection_split=ev.get("selection_split", "valid"),

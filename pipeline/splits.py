@@ -37,6 +37,12 @@ def selection_names(train_names: Sequence[str], fraction: float = SELECT_FRACTIO
     return set(names[:k])
 
 
+def fit_split(select_split: str | None) -> str:
+    """The split a model is fitted on when `select_split` picks its best epoch: `fit` when that is
+    `select` (held out of training), else the whole of train."""
+    return FIT if select_split == SELECT else "train"
+
+
 def resolve(split: str | None, tracks: Sequence[T], name=lambda t: t.name,
             split_of=lambda t: t.split) -> list[T]:
     """The tracks of `split` (None: all) among `tracks`, the derived splits included."""

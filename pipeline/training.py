@@ -128,6 +128,16 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def cosine_schedule(epochs: int, floor: float = 0.1):
+    """optimizer -> a per-epoch scheduler: half a cosine from lr down to floor x lr."""
+    def make(optimizer):
+        total = max(1, epochs)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, total) / total)))
+
+    return make
+
+
 # ---- the loop --------------------------------------------------------------------------------
 def _to(batch, device):
     return [x.to(device, non_blocking=True) for x in batch]

@@ -8,6 +8,9 @@ mask). A system is scored only on the targets it outputs.
 Scores are cached per (system estimate, track) under `<work>/evalcache`, keyed by everything the
 estimate depends on (model keys and stem checksums, a run's config and weights), so re-running
 an evaluation only scores what changed.
+
+Besides the museval tables, every report has paired per-track statistics against the best single
+base model (reports.paired): paired.csv, a summary.md section and "paired" in evaluation.json.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pipeline.errors import PipelineError
 from reports.metrics import framewise_sdr, median_over_tracks, to_long, track_median, usdr
 
 ORACLE_MIX, ORACLE_IRM = "oracle: mixture", "oracle: IRM"
+PAIRED_CSV = "paired.csv"   # reports.paired.COLUMNS, one row per (system, target)
 
 
 @dataclass
@@ -274,7 +278,9 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
              listening=True) -> dict:
     """Score every system; write the report folder. listening: True (the default page), False,
     or a reports.listening.ListeningOptions for report.html."""
-    from reports.report import boxplot_figure, summary_markdown, write_scores
+    from reports.paired import paired_statistics
+    from reports.report import (best_single, boxplot_figure, summary_markdown, summary_tables,
+                                write_scores)
 
     info = store.dataset_info(dataset_id)
     tracks = store.tracks(dataset_id, split)
@@ -330,8 +336,12 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
         df = pd.concat([df, _full_metrics(store, dataset_id, systems, tracks)], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     write_scores(df, out, rate=info["sample_rate"], subset_of={t.name: t.subset for t in tracks})
-    md = summary_markdown(df, dataset=info, split=split, base_systems=[b.name for b in bases],
-                          oracle_systems=[o.name for o in oracle], notes=notes)
+    base_names = [b.name for b in bases]
+    reference = best_single(summary_tables(df, info["sources"], base_names)[0], base_names)
+    paired = paired_statistics(df, reference, info["sources"])
+    paired.to_csv(out / PAIRED_CSV, index=False)
+    md = summary_markdown(df, dataset=info, split=split, base_systems=base_names,
+                          oracle_systems=[o.name for o in oracle], notes=notes, paired=paired)
     (out / "summary.md").write_text(md)
     figures = [boxplot_figure(df, [s for s in info["sources"]], out / "sdr_boxplot.png")]
     if run_sys:
@@ -340,8 +350,10 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
         "dataset": dataset_id, "split": split, "tracks": [t.name for t in tracks],
         "store": str(store.root.resolve()),
         "systems": [{"name": s.name, "kind": s.kind, "targets": list(s.targets), **(s.detail or {})}
-                    for s in systems], "figures": [p.name for p in figures]})
-    result = {"summary": md, "out": out, "scores": df, "figures": figures}
+                    for s in systems], "figures": [p.name for p in figures],
+        "paired": paired.to_dict("records")})
+    result = {"summary": md, "out": out, "scores": df, "figures": figures,
+              "paired": paired.to_dict("records")}
     if listen:
         result["listening"] = listen.finish(split=split, device=device, progress=progress)
     return result

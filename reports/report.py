@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from reports.metrics import aggregate, museval_json, per_track, write_museval_json
+from reports.paired import paired_markdown
 
 AVERAGE = "average"
 
@@ -52,7 +53,8 @@ def _markdown_table(table: pd.DataFrame, reference: str | None, exclude_from_bes
 
 
 def summary_markdown(df: pd.DataFrame, *, dataset: dict, split: str, base_systems: list[str],
-                     oracle_systems: list[str], notes: list[str] = ()) -> str:
+                     oracle_systems: list[str], notes: list[str] = (),
+                     paired: pd.DataFrame | None = None) -> str:
     targets = list(dataset["sources"])
     sdr, usdr_t = summary_tables(df, targets, base_systems)
     tracks = df["track"].nunique()
@@ -82,6 +84,8 @@ def summary_markdown(df: pd.DataFrame, *, dataset: dict, split: str, base_system
               _markdown_table(sdr, ref, set(oracle_systems)), "",
               "## uSDR (whole-track SDR, mean over tracks), dB", "",
               _markdown_table(usdr_t, best_single(usdr_t, base_systems), set(oracle_systems)), ""]
+    if paired is not None and not paired.empty:
+        lines += [paired_markdown(paired, targets)]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -137,3 +137,80 @@ def test_ideal_ratio_mask_beats_mixture(setup):
     assert irm.shape == refs.shape
     np.testing.assert_allclose(irm.sum(0), mix, atol=1e-4)  # masks sum to one
     assert usdr(refs, irm).mean() > usdr(refs, np.repeat(mix[None], 4, 0)).mean() + 3
+
+
+def test_paired_statistics_match_a_direct_computation(setup):
+    """paired.csv, evaluation.json and the result: per-track Δ against the best single model,
+    recomputed here from the stems with the metrics' own functions."""
+    from reports.paired import COLUMNS, RESAMPLES
+
+    tmp, store, ds, keys = setup
+    out = tmp / "report-paired"
+    res = ev.evaluate(store, ds.id, models=keys, runs=[tmp / "work" / "runs" / "blend"],
+                      split="test", out=out, cache_root=tmp / "work" / "evalcache", progress=False)
+    tests = store.tracks(ds.id, "test")
+    per_track = {}   # model index -> [tracks, its targets] per-track median SDR
+    for m, key in enumerate(keys):
+        sources = store.model_info(key)["sources"]
+        rows = []
+        for t in tests:
+            refs = np.asarray(store.references(ds.id, t))[[SOURCES.index(s) for s in sources]]
+            est = np.asarray(store.stems(key, ds.id, t), dtype=np.float32)
+            rows.append(track_median(framewise_sdr(refs, est, win=8000, hop=8000)))
+        per_track[m] = np.stack(rows)
+    # the best single model: the best average over targets of the median over tracks
+    best = max((0, 1), key=lambda m: np.median(per_track[m], axis=0).mean())
+    other = 1 - best
+
+    paired = pd.read_csv(out / "paired.csv")
+    assert list(paired.columns) == list(COLUMNS)
+    assert set(paired.reference) == {f"model{best}"}
+    assert f"model{best}" not in set(paired.system)
+    assert {"blend", "average", "best per source", "oracle: IRM"} <= set(paired.system)
+    assert set(paired[paired.system == "model2"].target) == {"vocals"}   # no average without all
+
+    def expected(deltas):
+        d = np.asarray(deltas, dtype=np.float64)
+        rng = np.random.default_rng(0)
+        means = [d[rng_idx].mean() for rng_idx in rng.integers(0, len(d), size=(RESAMPLES, len(d)))]
+        low, high = np.percentile(means, [2.5, 97.5])
+        return [len(d), d.mean(), low, high, np.mean(d > 0), np.median(d)]
+
+    numbers = ["n_tracks", "delta_mean", "ci_low", "ci_high", "share_improved", "delta_median"]
+    rows = paired.set_index(["system", "target"])
+    for j, target in enumerate(SOURCES):
+        got = rows.loc[(f"model{other}", target), numbers].to_numpy(dtype=float)
+        np.testing.assert_allclose(got, expected(per_track[other][:, j] - per_track[best][:, j]),
+                                   atol=1e-9)
+    got = rows.loc[(f"model{other}", "average"), numbers].to_numpy(dtype=float)
+    np.testing.assert_allclose(
+        got, expected(per_track[other].mean(1) - per_track[best].mean(1)), atol=1e-9)
+    got = rows.loc[("model2", "vocals"), numbers].to_numpy(dtype=float)
+    np.testing.assert_allclose(got, expected(per_track[2][:, 0] - per_track[best][:, 3]), atol=1e-9)
+
+    # the same numbers in evaluation.json, the result and summary.md
+    from_json = pd.DataFrame(json.loads((out / "evaluation.json").read_text())["paired"])
+    assert from_json[list(COLUMNS)].equals(pd.DataFrame(res["paired"]))
+    np.testing.assert_allclose(pd.DataFrame(res["paired"])[numbers].to_numpy(dtype=float),
+                               paired[numbers].to_numpy(dtype=float), atol=1e-12)
+    md = (out / "summary.md").read_text()
+    assert f"vs the best single model (model{best})" in md
+    r = rows.loc[(f"model{other}", "average")]
+    line = [l for l in md.splitlines() if l.startswith(f"| model{other} |") and "[" in l][0]
+    assert f"{r.delta_mean:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" in line
+    assert f"{round(r.share_improved * 3)}/3" in line
+
+
+def test_bootstrap_interval_known_answers():
+    from reports.paired import bootstrap_ci
+
+    assert bootstrap_ci(np.full(5, 0.3)) == pytest.approx((0.3, 0.3))
+    # two tracks: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4
+    assert bootstrap_ci(np.array([0.0, 1.0])) == (0.0, 1.0)
+    # many tracks: close to the normal interval mean +- 1.96 s / sqrt(n)
+    d = np.random.default_rng(5).normal(0.4, 1.0, 400)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    low, high = bootstrap_ci(d)
+    assert low == pytest.approx(d.mean() - half, abs=0.02)
+    assert high == pytest.approx(d.mean() + half, abs=0.02)
+    assert bootstrap_ci(d) == (low, high)   # a fixed seed

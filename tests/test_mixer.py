@@ -387,6 +387,34 @@ def test_select_last_keeps_the_last_epoch_without_a_valid_split(tmp_path):
         train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "b", select="best", **kw)
 
 
+def test_select_on_the_selection_split_trains_on_the_rest_of_train(tmp_path, monkeypatch):
+    """select='select': the epoch is chosen on a fixed tenth of train (its loss recorded), the
+    mixer is fitted on the rest ('fit'), and no valid track is read."""
+    store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
+                       splits=(("train", 4), ("valid", 1)), length=2048)
+    select = {t.id for t in store.tracks("toy", "select")}
+    fit = {t.id for t in store.tracks("toy", "fit")}
+    assert len(select) == 1 and len(fit) == 3
+    read = []
+    for method in ("_track_audio", "stems"):
+        original = getattr(StemStore, method)
+
+        def spy(self, *args, _original=original):
+            read.append(args[-1].id)
+            return _original(self, *args)
+
+        monkeypatch.setattr(StemStore, method, spy)
+    result = train_mixer(store, "toy", ["m0"], "conv1x1", tmp_path / "s", select="select",
+                         preset="tiny", batch=2, lr=1e-2, shift=512, device="cpu", epochs=3,
+                         progress=False)
+    assert set(read) == select | fit
+    assert all(np.isfinite(m["valid_loss"]) for m in result.metrics)
+    best = min(result.metrics, key=lambda m: m["valid_loss"])
+    assert result.best_epoch == best["epoch"]
+    training = json.loads((tmp_path / "s" / "config.json").read_text())["training"]
+    assert training["split"] == "fit" and training["valid_split"] == "select"
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     from pipeline.errors import PipelineError
 
@@ -426,3 +454,101 @@ def test_average_init_starts_from_the_uniform_average():
         model = build_mixer(arch, spec.in_channels, spec.out_channels, T=256, F=16, N=1, p=0.0, start=A)
         torch.testing.assert_close(model.mixing_weights(x), A.expand(3, -1, -1))
         torch.testing.assert_close(model(x), torch.einsum("io,bit->bot", A, x))
+
+
+def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_there(tmp_path):
+    """base = a conv1x1 run: W_k = W + ΔW_k with W the conv1x1's and ΔW_k = 0 before training;
+    the training loss is L1 + penalty x mean(ΔW_k^2); a large penalty keeps ΔW_k near zero."""
+    from mixer.apply import Mixer
+    from mixer.models import build_mixer
+    from mixer.train import penalised
+    from pipeline.errors import PipelineError
+
+    rng = np.random.default_rng(7)
+    models = {f"m{i}": (SOURCES, np.eye(4) + 0.3 * rng.standard_normal((4, 4))) for i in range(2)}
+
+    def louder_later(split, i, refs, stems):   # a mix that changes halfway through each track
+        stems["m0"][..., 2048:] *= 2.0
+
+    store = make_store(tmp_path / "store", models, splits=(("train", 2), ("valid", 1)),
+                       length=4096, edit=louder_later)
+    kw = dict(preset="tiny", batch=2, lr=1e-2, shift=512, device="cpu", progress=False)
+    conv = tmp_path / "conv"
+    train_mixer(store, "toy", list(models), "conv1x1", conv, epochs=2, **kw)
+    W = torch.load(conv / MIXER, weights_only=True)["weight"]
+
+    # untrained: exactly the conv1x1
+    spec_in, spec_out = W.shape
+    model = build_mixer("mdx-mixer", spec_in, spec_out, T=1024, F=16, N=1, p=0.0, start=W,
+                        residual=True)
+    x = torch.randn(3, spec_in, 1024)
+    torch.testing.assert_close(model.mixing_weights(x), W.expand(3, -1, -1))
+    # the penalised loss, by hand
+    with torch.no_grad():
+        model.head.bias.normal_()
+    y = torch.randn(3, spec_out, 1024)
+    out = model(x)
+    delta = model.mixing_weights(x) - W
+    for norm, size in (("l2", delta ** 2), ("l1", delta.abs())):
+        want = torch.nn.functional.l1_loss(out, y) + 0.5 * size.mean()
+        torch.testing.assert_close(penalised(model, 0.5, norm)(out, y), want)
+    model.eval()
+    torch.testing.assert_close(penalised(model, 0.5, "l2")(out, y), torch.nn.functional.l1_loss(out, y))
+
+    def corrections(run):
+        t = store.tracks("toy", "valid")[0]
+        mixer = Mixer(run)
+        Wk, _ = mixer.segment_weights(np.asarray(store.mixture("toy", t)),
+                                      {k: store.stems(k, "toy", t) for k in models})
+        base = mixer.module.base.detach().numpy()
+        return np.abs(Wk - base).mean(), mixer
+
+    # (Adam moves every weight by about lr a step whatever the penalty, so a penalty holds the
+    # corrections only down to a floor set by lr: a small lr and a few epochs show it here)
+    free, held = tmp_path / "free", tmp_path / "held"
+    slow = {**kw, "lr": 1e-3, "shift": 256, "epochs": 4}
+    train_mixer(store, "toy", list(models), "mdx-mixer", free, base=conv, **slow)
+    train_mixer(store, "toy", list(models), "mdx-mixer", held, base=conv, penalty=1e3, **slow)
+    free_delta, _ = corrections(free)
+    held_delta, mixer = corrections(held)
+    assert held_delta < 0.5 * free_delta and free_delta > 1e-3
+    config = json.loads((held / "config.json").read_text())
+    assert config["hyper"]["residual"]["penalty"] == 1e3
+    assert config["hyper"]["residual"]["base"] == str(conv.resolve())
+    # the residual run applies like any mixer (its W travels in mixer.pt)
+    t = store.tracks("toy", "valid")[0]
+    est = apply_run(held, store.mixture("toy", t), {k: store.stems(k, "toy", t) for k in models})
+    assert est.shape == (4, 2, 4096) and np.isfinite(est).all()
+
+    with pytest.raises(PipelineError, match="penalty: it weighs"):
+        train_mixer(store, "toy", list(models), "mdx-mixer", tmp_path / "x", penalty=1.0, **kw)
+    with pytest.raises(PipelineError, match="a mdx-mixer run"):
+        train_mixer(store, "toy", list(models), "mdx-mixer", tmp_path / "x", base=free, **kw)
+    with pytest.raises(PipelineError, match="other inputs"):
+        train_mixer(store, "toy", ["m0"], "mdx-mixer", tmp_path / "x", base=conv, **kw)
+    with pytest.raises(PipelineError, match="only an mdx-mixer"):
+        train_mixer(store, "toy", list(models), "conv1x1", tmp_path / "x", base=conv, **kw)
+
+
+def test_jitter_moves_training_segments_reproducibly(tmp_path):
+    """jitter: each item is its grid segment moved by a random 0..shift-1 samples (within the
+    track), the same for the same torch seed, different for another epoch's seed."""
+    from mixer.train import SegmentDataset
+
+    store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
+                       splits=(("train", 1),), length=4096)
+    spec = InputSpec.from_store(store, "toy", ["m0"], with_mixture=True)
+    fixed = SegmentDataset(store, "toy", spec, "train", 1024, 1024)
+    moved = SegmentDataset(store, "toy", spec, "train", 1024, 1024, jitter=True)
+    x_full = normalise(assemble_inputs(spec, *[store.mixture("toy", "train/train0"),
+                                               {"m0": store.stems("m0", "toy", "train/train0")}],
+                                       0, 4096), fixed.stats[0])
+    starts = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        x, _ = moved[1]
+        found = [s for s in range(1024, 2048) if np.array_equal(x.numpy(), x_full[:, s:s + 1024])]
+        assert len(found) == 1
+        starts.append(found[0])
+    assert starts[0] == starts[1] != starts[2]
+    assert torch.equal(fixed[1][0], torch.from_numpy(x_full[:, 1024:2048]))
