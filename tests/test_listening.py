@@ -229,7 +229,13 @@ def test_paired_statistics_columns_when_present(evaluation, tmp_path):
     assert "paired Δ avg [95 % CI]" in page and "Paired statistics per target" in page
     assert '<td data-v="0.61" class="up">+0.61 [+0.21, +1.01]</td>' in page
     assert '<td data-v="-0.77" class="down">-0.77 [-1.17, -0.37]</td>' in page
-    assert "paired Δ" not in (evaluation["out"] / "report.html").read_text()
+    # the evaluation itself wrote paired.csv (reports.paired): its page shows its own numbers
+    written = pd.read_csv(evaluation["out"] / "paired.csv")
+    assert list(written.columns) == list(PAIRED_COLUMNS)
+    assert "paired Δ avg [95 % CI]" in (evaluation["out"] / "report.html").read_text()
+    (out / "paired.csv").unlink()   # a report folder without one: no paired columns
+    ev.listening_report(out, evaluation["store"], ListeningOptions(systems=("blend",)), progress=False)
+    assert "paired Δ" not in (out / "report.html").read_text()
 
 
 # ---- the page in a real browser --------------------------------------------------------------
