@@ -39,6 +39,7 @@ dict) that MSST's inference.py and this loader read.
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -166,7 +167,10 @@ def load_state(ckpt: Path) -> tuple[dict, dict]:
 def build_network(model_type: str, cfg: dict, config_path: Path):
     """MSST's own class for `model_type`, built from the config as MSST builds it."""
     try:
-        from msst.utils.settings import build_model_from_config
+        with warnings.catch_warnings():   # rotary-embedding-torch's deprecated autocast decorators
+            warnings.filterwarnings("ignore", category=FutureWarning, module="rotary_embedding_torch")
+            import rotary_embedding_torch  # noqa: F401
+            from msst.utils.settings import build_model_from_config
     except ImportError as e:
         raise PipelineError(f"{config_path}: MSST models need the msst package "
                             f"(pip install 'msst[bs-roformer]'; {e})") from None
