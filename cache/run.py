@@ -54,8 +54,10 @@ def _package_versions() -> dict:   # importlib.metadata costs ~10 ms a call: onc
 
 
 def _progress(tracks: list[Track], desc: str, enabled: bool):
+    # exact durations, added in the same order as the updates: rounding each one could carry
+    # the count past the total
     total = sum(t.duration for t in tracks)
-    return progress_bar(total=round(total, 1), desc=desc, unit="s audio", disable=not enabled,
+    return progress_bar(total=total, desc=desc, unit="s audio", disable=not enabled,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
                            "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
 
@@ -123,7 +125,7 @@ def ingest_dataset(store: StemStore, dataset: Dataset, shard=(0, 1), force=False
         for t in todo:
             _ingest_track(store, dataset, t)
             bar.set_postfix_str(t.name[:30])
-            bar.update(round(t.duration, 1))
+            bar.update(t.duration)
     return len(todo)
 
 
@@ -145,7 +147,7 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
     tracks = [t for t in dataset.tracks if splits is None or t.split in splits][shard[0]::shard[1]]
     todo = [t for t in tracks if force or not store.has_stems(key, dataset.id, entry_of(t))]
     t_start, done = time.perf_counter(), 0
-    with _progress(todo, separator.name, progress) as bar:
+    with _progress(todo, separator.name, progress and bool(todo)) as bar:
         for t in todo:
             entry = entry_of(t)
             # read and written a block at a time (positional I/O, no memory maps): memory is the
@@ -167,7 +169,7 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
                 mixture.close()
             done += 1
             bar.set_postfix_str(t.name[:30])
-            bar.update(round(t.duration, 1))
+            bar.update(t.duration)
     wall = time.perf_counter() - t_start
     audio = sum(t.duration for t in todo)
     return {"key": key, "name": separator.name, "tracks": len(tracks), "computed": done,

@@ -101,7 +101,7 @@ def _spy(monkeypatch):
     """Record, in order, every read of a track's audio or stems from the store (method, track
     id) and the start and end of every fitting stage and of the evaluation."""
     import cache.train_base
-    import mixer.blend
+    import mixer.methods
     import mixer.train
     import reports.evaluate
     from cache.store import StemStore
@@ -130,7 +130,7 @@ def _spy(monkeypatch):
         monkeypatch.setattr(module, name, marked)
 
     mark(cache.train_base, "train_base")
-    mark(mixer.blend, "search_blend")
+    mark(mixer.methods, "search_blend")   # the name the experiment's ensembles call
     mark(mixer.train, "train_mixer")
     mark(reports.evaluate, "evaluate")
     return events
