@@ -108,8 +108,8 @@ class _BandCache:
         if self.key != (k, start, stop):
             a, b = start // HOP * HOP, -(-stop // HOP) * HOP      # on the track's frame grid
             x = segment_of(_SourceRows(self.stems, k), a - HOP, b - a + 2 * HOP).float()
-            z = stft_frames(x)                                      # [2, F, frames]
-            z = torch.view_as_complex(torch.view_as_real(z)[None] * self.masks[:, None, :, None, None])
+            z = stft_frames(x)                                      # [2, frames, F]
+            z = torch.view_as_complex(torch.view_as_real(z)[None] * self.masks[:, None, None, :, None])
             self.key, self.value = (k, start, stop), istft_frames(z)[..., start - a:stop - a].numpy()
         return self.value
 
@@ -247,9 +247,9 @@ def apply_config(config: dict, mixture, stems_by_key: Mapping[str, np.ndarray]) 
     gains = []
     for target, pairs in zip(spec.targets, source_models(spec)):
         w = np.array([config["weights"][target][spec.model_keys[m]] for m, _ in pairs])  # [M, K]
-        gains.append(torch.tensor(w[:, band_of_bin], dtype=torch.float32)[:, None, :, None, None])
+        gains.append(torch.tensor(w[:, band_of_bin], dtype=torch.float32)[:, None, None, :, None])
 
-    def mix(j: int, z: torch.Tensor) -> torch.Tensor:   # z [M, 2, F, frames] complex
+    def mix(j: int, z: torch.Tensor) -> torch.Tensor:   # z [M, 2, frames, F] complex
         return torch.view_as_complex((torch.view_as_real(z) * gains[j]).sum(0))
     return blockwise(spec, mixture, stems_by_key, mix, spectral=True)
 
