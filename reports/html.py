@@ -113,10 +113,12 @@ def summary_table(out: Path, targets: list[str], kinds: dict[str, str]) -> str:
                  (_fmt(r.share_improved, "{:.0%}"), _num(r.share_improved), ""),
                  (_fmt(r.delta_median, "{:+.2f}"), _num(r.delta_median), "")]
                 for r in paired.itertuples()]
-        html_ += "\n<h3>Paired statistics per target</h3>\n" + _table(
-            "paired", ["system", "target", "reference", "tracks", "Δ mean", "95 % CI low",
-                       "95 % CI high", "improved", "Δ median"], rows,
-            "per-track SDR differences against the reference, 95 % bootstrap confidence interval of the mean")
+        # folded: one row per (system, target) would push the players a page down
+        html_ += ("\n<details id=\"paired-details\"><summary><h3>Paired statistics per target</h3></summary>\n"
+                  + _table("paired", ["system", "target", "reference", "tracks", "Δ mean", "95 % CI low",
+                                      "95 % CI high", "improved", "Δ median"], rows,
+                           "per-track SDR differences against the reference, 95 % bootstrap confidence interval of the mean")
+                  + "\n</details>")
     return html_
 
 
