@@ -364,9 +364,10 @@ def select_models_cmd(
     """Choose base models by greedy forward selection on the selection split; write the list."""
     from cache.store import StemStore
     from mixer.select import select_models
+    from pipeline.config import check_name
 
     w = work_dir(work)
-    path = out or w / "selections" / f"{name or by}.json"
+    path = out or w / "selections" / f"{check_name(name or by, '--name')}.json"
     if path.exists() and not force:
         raise PipelineError(f"{path}: selection file exists; pass --force to overwrite or choose another --name")
     result = select_models(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, by=by,

@@ -302,6 +302,7 @@ def test_check_name():
     ["train-base", "-f", "umx", "-d", "toy", "--name", ".."],
     ["cache", "import", "DS", "--name", "../x", "-d", "DS"],
     ["evaluate", "-d", "toy", "--split", "../../x"],
+    ["select-models", "-m", "m0", "-m", "m1", "-d", "toy", "--name", "../../escaped"],
 ], ids=lambda a: a[0] if a[0] != "cache" else "cache import")
 def test_names_that_would_escape_are_refused(argv, env, capsys):
     argv = [str(env["ds"]) if a == "DS" else a for a in argv]
