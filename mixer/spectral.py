@@ -147,7 +147,8 @@ def median(x: torch.Tensor) -> torch.Tensor:
         rows = np.moveaxis(z, 0, -1).copy()
         rows.sort(axis=-1)
         mid = len(z) // 2
-        lo, hi = (rows[..., mid], rows[..., mid]) if len(z) % 2 else (rows[..., mid - 1], rows[..., mid])
+        hi = rows[..., mid]
+        lo = hi if len(z) % 2 else rows[..., mid - 1]
     return torch.from_numpy(np.ascontiguousarray(lo) if lo is hi else (lo + hi) / 2)
 
 
@@ -196,7 +197,7 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
             out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
                          else per_target(j, models))
         jobs = [(b, j) for b in range(len(chunks)) for j in range(len(table))]
-        threads = max(1, min(torch.get_num_threads(), len(jobs)))
+        threads = max(1, min(outer, len(jobs)))
         # one thread per job: torch's own intra-op threads inside each would only oversubscribe
         torch.set_num_threads(1)
         try:
