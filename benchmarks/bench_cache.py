@@ -1,8 +1,8 @@
 """Benchmark: what the cache stage costs over running the base model bare.
 
 (a) Time. A small HDemucs (random weights, exported in demucs's own `.th` package format with
-    cache.families.demucs.export_model and loaded back through cache.registry.load_separator, as a
-    user's model folder is) separates a synthetic dataset (pipeline.synth, default 6 tracks x 20 s)
+    separators.families.demucs.export_model and loaded back through separators.registry.load_separator, as a
+    user's model folder is) separates a synthetic dataset (core.synth, default 6 tracks x 20 s)
     that is already ingested into a StemStore. Per track, in one process, we time
       bare:  separate_array(separator, mixture, rate) on the mixture already in memory;
       cache: cache_model(store, <that one track>, separator, force=True) - reading the mixture from
@@ -14,7 +14,7 @@
     cache stage in fresh subprocesses, each reporting its peak RSS (Linux VmHWM, reset after
     set-up when /proc/self/clear_refs allows, else ru_maxrss) minus its RSS after set-up:
       working: the model alone on one segment-long chunk (its own working memory);
-      block:   separate_array on one cache block (cache.inference.BLOCK_SECONDS of audio, the
+      block:   separate_array on one cache block (separators.inference.BLOCK_SECONDS of audio, the
                most the cache stage hands the model at once; for information);
       ingest:  ingest_dataset of the long track (mixture + references into the store, read and
                written in chunks);
@@ -93,7 +93,7 @@ def build_model(folder: Path, channels: int, depth: int, nfft: int, segment: flo
     import torch
     from demucs.hdemucs import HDemucs
 
-    from cache.families.demucs import export_model
+    from separators.families.demucs import export_model
 
     torch.manual_seed(0)
     model = HDemucs(["drums", "bass", "other", "vocals"], channels=channels, depth=depth, nfft=nfft,
@@ -105,7 +105,7 @@ def build_model(folder: Path, channels: int, depth: int, nfft: int, segment: flo
 def load_model(folder: Path, threads: int):
     import torch
 
-    from cache.registry import load_separator
+    from separators.registry import load_separator
 
     torch.set_num_threads(threads)
     return load_separator(str(folder), device="cpu", offline=True)
@@ -131,16 +131,16 @@ def build_long_track(src_track: Path, root: Path, minutes: float) -> Path:
 
 # ---- (b) in a child process -------------------------------------------------------------------
 def child(what: str, model_dir: Path, data: Path, store_root: Path, threads: int, segment: float) -> dict:
-    from cache.inference import separate_array
     from cache.run import cache_model, ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
+    from separators.inference import separate_array
 
     sep = load_model(model_dir, threads)
     store = StemStore(store_root)
     ds = open_dataset(data)
     if what in ("working", "block"):
-        from cache.inference import BLOCK_SECONDS
+        from separators.inference import BLOCK_SECONDS
 
         mix = ds.tracks[0].mixture(0, int((segment if what == "working" else BLOCK_SECONDS) * RATE))
         separate_array(sep, mix[:, :RATE], RATE)   # first-call allocations are not the model's
@@ -173,10 +173,10 @@ def run_child(what: str, args, model_dir: Path, data: Path, store_root: Path) ->
 
 # ---- (a) in this process ----------------------------------------------------------------------
 def time_ratio(args, model_dir: Path, data: Path, store_root: Path):
-    from cache.inference import separate_array
     from cache.run import cache_model, entry_of, ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import Dataset, open_dataset
+    from core.datasets import Dataset, open_dataset
+    from core.store import StemStore
+    from separators.inference import separate_array
 
     sep = load_model(model_dir, args.threads)
     store = StemStore(store_root)
@@ -230,7 +230,7 @@ def main() -> None:
                                args.segment)))
         return
 
-    from pipeline.synth import generate_dataset
+    from core.synth import generate_dataset
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_cache-") as tmp:
@@ -269,7 +269,7 @@ def main() -> None:
                   f"({args.long * 60 * RATE * 2 * 4 / 2**20:.0f} MiB as float32 stereo), each stage "
                   f"in a fresh subprocess")
             store_b = tmp / "store-b"
-            from cache.inference import BLOCK_SECONDS, OVERLAP_SECONDS
+            from separators.inference import BLOCK_SECONDS, OVERLAP_SECONDS
 
             res = {what: run_child(what, args, model_dir, long_root, store_b)
                    for what in ("working", "block", "ingest", "cache")}

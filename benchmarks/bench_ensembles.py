@@ -11,7 +11,7 @@
     on MUSDB18-7's train split (80 x 7 s), the models the three shipped checkpoints (umx-synth,
     xumx-synth with niter=0 as in the demo, demucs-synth; cached here unless --work already holds
     them): wall time (goal < 60 s) against rendering and scoring each grid point the search
-    scores (the run folder applied to every track by Mixer, scored by reports.metrics' exact
+    scores (the run folder applied to every track by Mixer, scored by core.metrics' exact
     framewise SDR, ~350x faster than museval): a few points are timed and multiplied by the
     number of points. Also checks that the searched objective equals the rendered one.
 
@@ -42,8 +42,8 @@ MODELS = (("umx-synth", {"niter": 0}), ("xumx-synth", {"niter": 0}), ("demucs-sy
 
 def musdb_store(work: Path):
     from cache.run import ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
 
     if not (MUSDB18_7 / "train").is_dir():
         sys.exit(f"MUSDB18-7 not found at {MUSDB18_7}; set MUSDB18_7_ROOT")
@@ -55,7 +55,7 @@ def musdb_store(work: Path):
 
 # ---- (a) ---------------------------------------------------------------------------------------
 def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
-    from cache.store import StemStore, TrackEntry
+    from core.store import StemStore, TrackEntry
     from mixer.apply import Mixer
     from mixer.spectral import METHODS, make_run
 
@@ -105,8 +105,8 @@ def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
 
 # ---- (b) ---------------------------------------------------------------------------------------
 def cache_models(store, ds) -> list[str]:
-    from cache.registry import load_separator
     from cache.run import cache_model
+    from separators.registry import load_separator
 
     keys = []
     for spec, options in MODELS:
@@ -119,8 +119,8 @@ def cache_models(store, ds) -> list[str]:
 
 def rendered_objective(store, ds_id, run: Path, tracks) -> np.ndarray:
     """museval median over frames and tracks per source of the run applied to every track."""
+    from core.metrics import framewise_sdr, median_over_tracks, track_median
     from mixer.apply import Mixer
-    from reports.metrics import framewise_sdr, median_over_tracks, track_median
 
     mixer = Mixer(run)
     rate = store.dataset_info(ds_id)["sample_rate"]
@@ -133,7 +133,7 @@ def rendered_objective(store, ds_id, run: Path, tracks) -> np.ndarray:
 
 
 def bench_band_search(work: Path, store, ds, keys: list[str], bands: int, step: float) -> dict:
-    from cache.store import write_json_atomic
+    from core.store import write_json_atomic
     from mixer import bandblend
     from mixer.inputs import InputSpec
 

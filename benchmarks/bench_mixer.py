@@ -1,13 +1,13 @@
 """Benchmark: the ensemble stage - blend search, mixer training input, mixer inference, separate.
 
 Set-up (once, in a temporary work folder unless --work is given): a synthetic dataset
-(pipeline.synth; default 4 train + 2 valid tracks x 20 s), ingested into a stem store and cached by
+(core.synth; default 4 train + 2 valid tracks x 20 s), ingested into a stem store and cached by
 the three shipped base models (umx-synth, xumx-synth with niter=0 as in the demo, demucs-synth).
 
 (a) Blend search vs rendering. mixer.blend.search_blend (per-frame inner products once, then every
     grid point as a few multiply-adds per frame) against the direct way: for every point of the
     same simplex grid, render the blend of every source from the stems and score it with
-    reports.metrics.framewise_sdr (itself ~350x faster than museval, see bench_sdr.py), then take
+    core.metrics.framewise_sdr (itself ~350x faster than museval, see bench_sdr.py), then take
     the best point per source. Prints both times, the ratio, and whether both pick the same
     weights with the same objective.
 (b) Mixer training input. Segments per second that mixer.train.SegmentDataset delivers from the
@@ -56,11 +56,11 @@ MIXERS = (("conv1x1", "cpu"), ("mdx-mixer", "demo"), ("mdx-mixer", "cpu"))
 
 # ---- set-up ------------------------------------------------------------------------------------
 def setup(work: Path, n_train: int, n_valid: int, seconds: float):
-    from cache.registry import load_separator
     from cache.run import cache_model, ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
-    from pipeline.synth import generate_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
+    from core.synth import generate_dataset
+    from separators.registry import load_separator
 
     data = generate_dataset(work / "data" / "synthetic", seed=0, n_train=n_train, n_valid=n_valid,
                             n_test=0, duration=seconds, sample_rate=RATE, progress=False)
@@ -78,9 +78,9 @@ def setup(work: Path, n_train: int, n_valid: int, seconds: float):
 
 # ---- (a) ---------------------------------------------------------------------------------------
 def bench_blend(store, ds_id, keys, step: float, split: str):
+    from core.metrics import framewise_sdr, median_over_tracks, track_median
     from mixer.blend import search_blend, simplex_grid
     from mixer.inputs import InputSpec
-    from reports.metrics import framewise_sdr, median_over_tracks, track_median
 
     t0 = time.perf_counter()
     found = search_blend(store, ds_id, keys, step=step, objective="museval", split=split)

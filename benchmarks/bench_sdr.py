@@ -1,4 +1,4 @@
-"""Benchmark: museval's SDR vs reports.metrics.framewise_sdr on a long real track.
+"""Benchmark: museval's SDR vs core.metrics.framewise_sdr on a long real track.
 
 Concatenates MUSDB18-7 valid previews into one SECONDS-long 4-source stereo track (estimates =
 references + noise at about 10 dB SNR), then runs each method in its own fresh subprocess so its
@@ -78,7 +78,7 @@ def measure(method: str, data: Path, repeat: int) -> dict:
                                       win=RATE, hop=RATE)[0]
         repeat = 1
     else:
-        from reports.metrics import framewise_sdr
+        from core.metrics import framewise_sdr
 
         fn = lambda: framewise_sdr(refs, ests, RATE, RATE)  # noqa: E731
     before = status_mib("VmRSS")
@@ -106,7 +106,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.data, args.repeat)))
         return
 
-    from reports.metrics import bsseval_peak_bytes
+    from core.metrics import bsseval_peak_bytes
 
     refs, ests, names = build_track(args.root, args.seconds)
     print(f"track: {refs.shape[-1] / RATE:.1f} s, {refs.shape[0]} sources x {refs.shape[1]} channels, "
@@ -136,7 +136,7 @@ def main() -> None:
     print(f"max |SDR difference|: {max_diff:.2e} dB over {int(finite.sum())} frames; "
           f"shape {ours.shape}, same NaN frames: {same_nan}")
     print(f"full_bsseval's per-worker memory estimate for this track: {bsseval_peak_bytes(n) / 2**20:.0f} MiB "
-          f"(reports.metrics.bsseval_peak_bytes; compare museval's peak RSS)")
+          f"(core.metrics.bsseval_peak_bytes; compare museval's peak RSS)")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cache.inference import separate_array
-    from cache.registry import load_separator
-    from pipeline.datasets import open_dataset
-    from reports.metrics import framewise_sdr, median_over_tracks, track_median, usdr
+    from core.datasets import open_dataset
+    from core.metrics import framewise_sdr, median_over_tracks, track_median, usdr
+    from separators.inference import separate_array
+    from separators.registry import load_separator
 
     dataset = open_dataset(args.root)
     tracks = dataset.split("valid")

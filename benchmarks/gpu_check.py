@@ -106,7 +106,7 @@ def save_models(repo: Path, full: bool) -> list[str]:
     import torch
     from demucs.htdemucs import HTDemucs
 
-    from cache.families.demucs import export_model
+    from separators.families.demucs import export_model
 
     repo.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def save_models(repo: Path, full: bool) -> list[str]:
     if full:
         import openunmix
 
-        from cache.families.umx import PRETRAINED_URLS
+        from separators.families.umx import PRETRAINED_URLS
 
         umxl = openunmix.umxl(targets=MUSDB, pretrained=False, device="cpu")
         for target, url in PRETRAINED_URLS["umxl"].items():   # vocals-bccbd9aa.pth, ...
@@ -148,10 +148,10 @@ def save_tiny_umx(folder: Path) -> Path:
 def cache_models(work: Path, dataset: Path, device: str, full: bool):
     import numpy as np
 
-    from cache.registry import load_separator
     from cache.run import cache_model, ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
+    from separators.registry import load_separator
 
     repo = work / "weights"
     specs = save_models(repo, full)
@@ -180,8 +180,8 @@ def _network(sep):
 def train_paper_mixer(cached, work: Path, device: str, full: bool, steps: int):
     import torch
 
+    from core.training import METRICS
     from mixer.train import train_mixer
-    from pipeline.training import METRICS
 
     store, ds_id, keys = cached
     cuda = device.startswith("cuda")
@@ -261,8 +261,8 @@ def ddp_worker(job: dict) -> None:
     import torch.distributed as dist
 
     import mixer.train as mixer_train
-    from cache.store import StemStore
-    from pipeline.config import default_device
+    from core.config import default_device
+    from core.store import StemStore
 
     out, rank = Path(job["out"]), int(os.environ["RANK"])
     real_train, seen = mixer_train.train, {}
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         print(f"gpu check on {where}, torch {torch.__version__}, work folder {work}", flush=True)
         checks.run("CUDA-marked tests", cuda_tests, args.dry_run)
 
-        from pipeline.synth import generate_dataset
+        from core.synth import generate_dataset
 
         # paper's T = 2^18 samples (5.9 s): 15-s tracks give ~200 segments each at shift 2^11
         data = generate_dataset(work / "data", n_train=3 if full else 2, n_valid=1, n_test=1,

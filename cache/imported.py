@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.base import model_key
-from cache.run import entry_of, package_versions
-from cache.store import StemStore
-from pipeline.audio import AUDIO_EXTENSIONS, audio_info, read_audio, to_stereo
-from pipeline.config import SOURCES, check_name
-from pipeline.datasets import Dataset
-from pipeline.errors import PipelineError
+from cache.run import entry_of
+from core.audio import AUDIO_EXTENSIONS, audio_info, read_audio, to_stereo
+from core.config import SOURCES, check_name
+from core.datasets import Dataset
+from core.errors import PipelineError
+from core.store import StemStore
+from core.versions import package_versions
+from separators.base import model_key
 
 
 def _track_dir(root: Path, subset: str, name: str) -> Path | None:

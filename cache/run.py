@@ -6,19 +6,16 @@ several processes fill one store without writing the same entry.
 """
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
-from pipeline.progress import progress_bar
-
-from cache.base import Separator, model_key
-from cache.store import StemStore, TrackEntry
-from pipeline.datasets import Dataset, Track
-from pipeline.errors import PipelineError
+from core.datasets import Dataset, Track
+from core.errors import PipelineError
+from core.progress import progress_bar
+from core.store import StemStore, TrackEntry
+from core.versions import package_versions
+from separators.base import Separator, model_key
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -36,21 +33,6 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 def entry_of(track: Track) -> TrackEntry:
     return TrackEntry(track.name, track.subset, track.split, track.length)
-
-
-def package_versions() -> dict:
-    return dict(_package_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _package_versions() -> dict:   # importlib.metadata costs ~10 ms a call: once per process
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "demucs", "openunmix", "asteroid", "julius"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _progress(tracks: list[Track], desc: str, enabled: bool):
@@ -133,10 +115,10 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
                 force=False, splits=None, progress=True, load: dict | None = None) -> dict:
     """Separate every (selected) track with `separator` unless its stems are already stored.
 
-    `load` ({"spec", "repo", "options"}: how `cache.registry.load_separator` built it) is kept in
+    `load` ({"spec", "repo", "options"}: how `separators.registry.load_separator` built it) is kept in
     model.json so `pipeline separate` can run the same model on new audio.
     """
-    from cache.inference import separate_array
+    from separators.inference import separate_array
 
     identity = separator.identity()
     key = model_key(identity)

@@ -2,7 +2,7 @@
 to a track, and exporting its weights.
 
 A learned mixer processes the normalised track in segments of T samples, hop T/4, cross-faded by
-`pipeline.chunking.overlap_add` (periodic Hann, constant sum, zero padding at both ends): any
+`core.chunking.overlap_add` (periodic Hann, constant sum, zero padding at both ends): any
 length, no clicks at segment borders. The inputs are assembled from the stored stems one segment
 at a time, so memory is the output plus `batch` segments, whatever the track's length. A blend
 needs no segments: it is the same weighted sum at every sample. Runs without a trained module
@@ -17,15 +17,21 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from cache.store import read_json, write_json_atomic
+from core.chunking import overlap_add, segment_of
+from core.errors import PipelineError
+from core.store import read_json, write_json_atomic
+from core.training import amp_dtype, resolve_device
 from mixer import bandblend, spectral
 from mixer.blend import apply_blend
-from mixer.inputs import (InputSpec, NormalisedInputs, check_inputs, denormalise,
-                          mixture_stats, split_outputs)
+from mixer.inputs import (
+    InputSpec,
+    NormalisedInputs,
+    check_inputs,
+    denormalise,
+    mixture_stats,
+    split_outputs,
+)
 from mixer.train import MIXER, build_from_config, segment_offsets
-from pipeline.chunking import segment_of, overlap_add
-from pipeline.errors import PipelineError
-from pipeline.training import amp_dtype, resolve_device
 
 
 def _apply_blend(config: dict, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -31,14 +31,22 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from cache.store import StemStore, write_json_atomic
-from mixer.blend import (OBJECTIVES, SourceStats, blend_sounds, collect_stats, frame_contexts,
-                         score, simplex_grid, source_models)
+from core.chunking import segment_of
+from core.errors import PipelineError
+from core.progress import progress_bar
+from core.store import StemStore, write_json_atomic
+from mixer.blend import (
+    OBJECTIVES,
+    SourceStats,
+    blend_sounds,
+    collect_stats,
+    frame_contexts,
+    score,
+    simplex_grid,
+    source_models,
+)
 from mixer.inputs import InputSpec
 from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
-from pipeline.chunking import segment_of
-from pipeline.errors import PipelineError
-from pipeline.progress import progress_bar
 
 METHOD = "band-blend"
 SCALES = ("mel", "octave")

@@ -12,7 +12,7 @@ The blend being linear, nothing is rendered per grid point: per frame we keep <r
 products b_m = <e_m, r> and the Gram matrix G_mn = <e_m, e_n> (float64, both channels), so the
 error energy of any w is <r, r> - 2 w.b + w^T G w: a few multiply-adds per frame and grid point.
 
-The numbers are those of `reports.metrics` (museval's): frames of `rate` samples, a trailing
+The numbers are those of `core.metrics` (museval's): frames of `rate` samples, a trailing
 partial frame dropped (a track no longer than one frame is one frame), a perfect frame (+inf)
 skipped like a NaN one, and a frame invalid (NaN) for every source when any reference or any
 estimated source is silent in it, museval's "silent" being "L + R == 0 at every sample".
@@ -35,9 +35,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cache.store import StemStore, write_json_atomic
+from core.errors import PipelineError
+from core.store import StemStore, write_json_atomic
 from mixer.inputs import InputSpec
-from pipeline.errors import PipelineError
 
 OBJECTIVES = ("museval", "usdr")
 MAX_ROUNDS = 5

@@ -17,8 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
-from cache.store import StemStore, TrackEntry
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import StemStore, TrackEntry
 
 CHANNELS = ("L", "R")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache.store import StemStore, read_json
+from core.errors import PipelineError
+from core.store import StemStore, read_json
 from mixer import bandblend, spectral
 from mixer.blend import search_blend
-from pipeline.errors import PipelineError
 
 BLEND = "blend"
 # method -> its options (the [[systems]] keys beyond name / method / models) and their defaults

@@ -34,11 +34,24 @@ from typing import Callable
 
 import numpy as np
 
-from cache.store import StemStore, read_json, write_json_atomic
-from mixer.blend import OBJECTIVES, collect_stats, frame_blocks, grams, nanmedian_rows, search
-from mixer.inputs import InputSpec, assemble_inputs, assemble_targets, mixture_stats, normalise
-from pipeline.errors import PipelineError
-from pipeline.progress import progress_bar
+from core.errors import PipelineError
+from core.progress import progress_bar
+from core.store import StemStore, read_json, write_json_atomic
+from mixer.blend import (
+    OBJECTIVES,
+    collect_stats,
+    frame_blocks,
+    grams,
+    nanmedian_rows,
+    search,
+)
+from mixer.inputs import (
+    InputSpec,
+    assemble_inputs,
+    assemble_targets,
+    mixture_stats,
+    normalise,
+)
 
 BY = ("blend", "conv1x1")
 ROW_FRAMES = 64          # rows x frames of float64 formed at once (memory on long tracks)

@@ -37,7 +37,7 @@ Where ours differs:
 * avg-spec is computed as avg-wave: the STFT being linear and perfectly reconstructing, the
   inverse of the averaged spectra is the averaged waveform (MSST's two differ by float rounding).
 * Memory: a long track is processed in blocks of at most BLOCK samples through
-  `pipeline.chunking.overlap_add`, each block seeing HOP samples of context on both sides, and
+  `core.chunking.overlap_add`, each block seeing HOP samples of context on both sides, and
   blocks start on multiples of the hop, so every frame is the whole-track STFT's frame: the
   result does not depend on the block size (tests check it).
 """
@@ -51,11 +51,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cache.store import StemStore, write_json_atomic
+from core.chunking import overlap_add
+from core.errors import PipelineError
+from core.store import StemStore, write_json_atomic
 from mixer.blend import source_models
 from mixer.inputs import InputSpec, check_inputs
-from pipeline.chunking import overlap_add
-from pipeline.errors import PipelineError
 
 N_FFT, HOP = 2048, 1024          # MSST's and UVR's; the frame algebra below needs N_FFT == 2 HOP
 BLOCK = 1 << 19                  # most samples per block (~12 s at 44.1 kHz)
@@ -176,7 +176,7 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
     it (mixer.blend.source_models), x their STFT frames [M_j, 2, frames, F] (`spectral`; the
     result is frames [2, frames, F]) or waveforms [M_j, 2, L] (the result [2, L]).
 
-    Blocks of at most `block` samples through `pipeline.chunking.overlap_add`, starting on
+    Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
     multiples of HOP with HOP samples of context: every frame is the whole track's, so the result
     does not depend on the block size; memory is the estimates plus one block. The targets of a
     block run in torch.get_num_threads() threads (numpy's elementwise work is single-threaded

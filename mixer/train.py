@@ -18,14 +18,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache.store import StemStore, read_json, sha256_file, write_json_atomic
-from mixer.inputs import (InputSpec, assemble_inputs, assemble_targets, average_mixing,
-                          mixture_stats, normalise)
+from core.errors import PipelineError
+from core.splits import fit_split
+from core.store import StemStore, read_json, sha256_file, write_json_atomic
+from core.training import (
+    BEST,
+    LAST,
+    TrainResult,
+    cosine_schedule,
+    load_checkpoint,
+    save_atomic,
+    train,
+)
+from mixer.inputs import (
+    InputSpec,
+    assemble_inputs,
+    assemble_targets,
+    average_mixing,
+    mixture_stats,
+    normalise,
+)
 from mixer.models import INITS, PRESETS, build_mixer
-from pipeline.errors import PipelineError
-from pipeline.splits import fit_split
-from pipeline.training import (BEST, LAST, TrainResult, cosine_schedule, load_checkpoint,
-                               save_atomic, train)
 
 DEFAULT_EPOCHS = {"conv1x1": 50, "mdx-mixer": 100}
 # which epoch's weights a run keeps: the best on one of these splits, or the last (see train_mixer)
@@ -215,7 +228,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     mixer.models.build_mixer), 'random' from PyTorch's default initialisation.
     select: 'valid' keeps the epoch with the lowest L1 loss on the valid split (the paper's
     model selection); 'select' the lowest on the selection split (a fixed tenth of train, see
-    pipeline.splits; the mixer is then trained on the rest of train, 'fit'), 'test' / 'train' on
+    core.splits; the mixer is then trained on the rest of train, 'fit'), 'test' / 'train' on
     those; 'last' keeps the last epoch and reads no held-out split. 'select' and 'last' never
     read the valid split - for datasets whose valid split is the evaluation split (MUSDB18
     previews).

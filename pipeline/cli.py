@@ -8,9 +8,9 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from pipeline.config import default_device, store_dir, work_dir
-from pipeline.datasets import SYNTHETIC, open_dataset_spec
-from pipeline.errors import PipelineError
+from core.config import default_device, store_dir, work_dir
+from core.datasets import SYNTHETIC, open_dataset_spec
+from core.errors import PipelineError
 from reports.clips import EXCERPT_S, KBPS, MAX_MB, WHOLE_BELOW_S
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
@@ -45,7 +45,7 @@ def make_dataset(
     work: Optional[Path] = WorkOpt,
 ):
     """Generate the embedded synthetic multitrack dataset (MUSDB18-HQ layout, train/valid/test)."""
-    from pipeline.synth import generate_dataset
+    from core.synth import generate_dataset
 
     out = out or work_dir(work) / "data" / SYNTHETIC
     generate_dataset(out, seed=seed, n_train=train, n_valid=valid, n_test=test,
@@ -80,7 +80,7 @@ def cache(
     if dataset is None:
         raise PipelineError("pipeline cache: --dataset is required (a folder, or 'synthetic')")
     from cache.run import cache_model, ingest_dataset, parse_shard
-    from cache.store import StemStore
+    from core.store import StemStore
 
     w = work_dir(work)
     store = StemStore(store_dir(w))
@@ -89,7 +89,7 @@ def cache(
     n = ingest_dataset(store, ds, shard=shard_, force=force)
     console.print(f"{ds.id}: {len(ds)} tracks in the store ({n} written now)")
     if model:
-        from cache.registry import load_separator
+        from separators.registry import load_separator
 
         dev = device or default_device()
         options = {k: v for k, v in dict(shifts=shifts, overlap=overlap, segment=segment,
@@ -116,7 +116,7 @@ def cache_import(
     """Register separations made elsewhere as a base model in the stem store."""
     from cache.imported import import_estimates
     from cache.run import ingest_dataset
-    from cache.store import StemStore
+    from core.store import StemStore
 
     w = work_dir(work)
     store = StemStore(store_dir(w))
@@ -130,9 +130,9 @@ def cache_import(
 @cache_app.command("ls")
 def cache_ls(work: Optional[Path] = WorkOpt):
     """List the datasets and models in the stem store, with track counts and sizes."""
-    from cache.store import StemStore
-
     from rich.table import Table
+
+    from core.store import StemStore
 
     store = StemStore(store_dir(work_dir(work)))
     table = Table(title=f"stem store {store.root}")
@@ -163,7 +163,7 @@ def _size(path: Path) -> str:
 @cache_app.command("verify")
 def cache_verify(work: Optional[Path] = WorkOpt):
     """Check every store entry (array readable, shape, length, checksum); non-zero exit on damage."""
-    from cache.store import StemStore
+    from core.store import StemStore
 
     store = StemStore(store_dir(work_dir(work)))
     problems, n = [], 0
@@ -243,7 +243,7 @@ def store_dataset_id(spec: str, work: Path, ingest: bool = False) -> str:
     ingest: a dataset not yet in the store is stored first (as `pipeline cache -d` does), for
     stages that read only the dataset's own audio; else that is an error saying so.
     """
-    from cache.store import StemStore
+    from core.store import StemStore
 
     store = StemStore(store_dir(work))
     if spec in store.datasets():
@@ -259,7 +259,7 @@ def store_dataset_id(spec: str, work: Path, ingest: bool = False) -> str:
 
 
 def _run_dir(work: Path, name: str, out: Optional[Path]) -> Path:
-    from pipeline.config import check_name, runs_dir
+    from core.config import check_name, runs_dir
 
     return out or runs_dir(work) / check_name(name, "--name")
 
@@ -291,8 +291,8 @@ def train_base_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Train a base separator of one family on a cached dataset; the model lands in RUN/model/."""
-    from cache.store import StemStore
-    from cache.train_base import family_of, train_base
+    from core.store import StemStore
+    from separators.train_base import family_of, train_base
 
     w = work_dir(work)
     family_of(family)   # a typo fails before the dataset is ingested
@@ -327,7 +327,7 @@ def blend(
     work: Optional[Path] = WorkOpt,
 ):
     """Ensembles that train nothing: the Danna-Sep blend, the band-wise blend, spectral ensembles."""
-    from cache.store import StemStore
+    from core.store import StemStore
     from mixer.methods import build
 
     w = work_dir(work)
@@ -362,9 +362,9 @@ def select_models_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Choose base models by greedy forward selection on the selection split; write the list."""
-    from cache.store import StemStore
+    from core.config import check_name
+    from core.store import StemStore
     from mixer.select import select_models
-    from pipeline.config import check_name
 
     w = work_dir(work)
     path = out or w / "selections" / f"{check_name(name or by, '--name')}.json"
@@ -412,7 +412,7 @@ def train_mixer_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Train a conv1x1 or MDX-Mixer mixing-weight estimator on cached stems (resumes when re-run)."""
-    from cache.store import StemStore
+    from core.store import StemStore
     from mixer.train import train_mixer
 
     w = work_dir(work)
@@ -444,8 +444,8 @@ def evaluate_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Score every system (base models, selections, blends, mixers, oracles) side by side."""
-    from cache.store import StemStore
-    from pipeline.config import reports_dir, runs_dir
+    from core.config import reports_dir, runs_dir
+    from core.store import StemStore
     from reports.evaluate import evaluate
 
     w = work_dir(work)
@@ -457,7 +457,7 @@ def evaluate_cmd(
             raise PipelineError(f"--estimates {item}: expected NAME=DIR")
         est_name, folder = item.split("=", 1)
         from cache.imported import import_estimates
-        from pipeline.datasets import open_dataset
+        from core.datasets import open_dataset
 
         ds = open_dataset(store.dataset_info(ds_id)["root"])
         import_estimates(store, ds, est_name, Path(folder), splits=[split])
@@ -465,7 +465,7 @@ def evaluate_cmd(
         models.append(est_name)
     runs = [r if r.exists() else runs_dir(w) / r for r in run]
     if all_runs and runs_dir(w).exists():
-        from cache.store import read_json
+        from core.store import read_json
 
         runs += [d for d in sorted(runs_dir(w).iterdir()) if (d / "config.json").exists()
                  and read_json(d / "config.json").get("dataset") == ds_id and d not in runs]
@@ -473,7 +473,7 @@ def evaluate_cmd(
         if not (r / "config.json").exists():
             raise PipelineError(f"{r}: not a run folder (no config.json)")
     if out is None:
-        from pipeline.config import check_name
+        from core.config import check_name
 
         out = reports_dir(w) / check_name(f"{ds_id}-{split}", "report name (from --split)")
     result = evaluate(store, ds_id, models=models, runs=runs, split=split, out=out,
@@ -486,8 +486,8 @@ def evaluate_cmd(
 
 def _report_dir(target: str, work: Path) -> Path:
     """A report folder; a name under <work>/reports; or a mixer run, whose one report it is."""
-    from cache.store import read_json
-    from pipeline.config import reports_dir, runs_dir
+    from core.config import reports_dir, runs_dir
+    from core.store import read_json
 
     for d in (Path(target), reports_dir(work) / target):
         if (d / "evaluation.json").exists():
@@ -520,7 +520,7 @@ def report_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Rebuild report.html (the listening report) of an evaluation, choosing tracks, systems, excerpts."""
-    from cache.store import StemStore, read_json
+    from core.store import StemStore, read_json
     from reports.evaluate import listening_report
     from reports.listening import ListeningOptions
 

@@ -1,7 +1,7 @@
 """`pipeline run CONFIG`: one experiment file drives every stage in order.
 
 The file (TOML or YAML) names the dataset, the base models to train (`[[train]]`, each a
-`cache.train_base.train_base` run in <work>/runs/<name>), the base models to cache and their
+`separators.train_base.train_base` run in <work>/runs/<name>), the base models to cache and their
 inference options (`[[models]]`: a pretrained name, a path, or `trained = "<a [[train]] name>"`),
 the systems to build and the evaluation. Each stage skips what the stem store and earlier runs
 already hold and resumes what was interrupted, so running an unchanged experiment again only
@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import check_name
-from pipeline.errors import PipelineError
+from core.config import check_name
+from core.errors import PipelineError
 
 MIXERS = ("conv1x1", "mdx-mixer")   # trained by train-mixer; the rest: mixer.methods.METHODS
 MODEL_OPTIONS = ("shifts", "overlap", "segment", "niter", "residual", "wiener_win_len")
@@ -81,7 +81,7 @@ def _honest(path, evaluated: str, what: str, split: str, key: str) -> None:
 
 
 def _validate_train(stages: list, path) -> dict[str, dict]:
-    from cache.train_base import PRESET_NAMES, resolve_config
+    from separators.train_base import PRESET_NAMES, resolve_config
 
     if not isinstance(stages, list):
         raise PipelineError(f"{path}: 'train' must be a list of [[train]] tables")
@@ -203,8 +203,8 @@ def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> l
 def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: str,
                  progress: bool, log) -> dict[str, Path]:
     """Train (or resume, or keep as finished) every [[train]] stage; {name: its model folder}."""
-    from cache.train_base import train_base
-    from pipeline.config import runs_dir
+    from core.config import runs_dir
+    from separators.train_base import train_base
 
     models = {}
     for t in config.get("train", []):
@@ -232,8 +232,8 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
 def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
                 progress: bool, log) -> dict[str, str]:
     """Cache every [[models]] entry on `splits` (None: all); {spec, name, trained name: key}."""
-    from cache.registry import load_separator
     from cache.run import cache_model
+    from separators.registry import load_separator
 
     keys: dict[str, str] = {}
     for m in config["models"]:
@@ -265,11 +265,17 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
                    log=print) -> dict:
     """Execute the stages; returns the evaluation result (summary text, report folder)."""
     from cache.run import ingest_dataset
-    from cache.store import StemStore
+    from core.config import (
+        check_device,
+        default_device,
+        reports_dir,
+        runs_dir,
+        store_dir,
+    )
+    from core.datasets import open_dataset_spec
+    from core.store import StemStore
     from mixer import methods
     from mixer.train import train_mixer
-    from pipeline.config import check_device, default_device, reports_dir, runs_dir, store_dir
-    from pipeline.datasets import open_dataset_spec
     from reports.evaluate import evaluate
 
     t_start = time.perf_counter()
@@ -278,7 +284,7 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     ds_conf = config["dataset"]
     spec = ds_conf["path"]
     if spec == "synthetic" and "generate" in ds_conf:
-        from pipeline.synth import generate_dataset
+        from core.synth import generate_dataset
 
         g = ds_conf["generate"]
         generate_dataset(work / "data" / "synthetic", seed=g.get("seed", 0), n_train=g.get("train", 28),

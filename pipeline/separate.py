@@ -30,9 +30,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cache.store import StemStore, TrackEntry
-from pipeline.audio import audio_info, check_finite, read_audio, resample, to_stereo, write_audio
-from pipeline.errors import PipelineError, fail
+from core.audio import (
+    audio_info,
+    check_finite,
+    read_audio,
+    resample,
+    to_stereo,
+    write_audio,
+)
+from core.errors import PipelineError, fail
+from core.store import StemStore, TrackEntry
 
 FORMATS = ("wav", "flac")
 FILES_SUBSET = "files"          # subset and split of the input files' tracks in the store
@@ -47,7 +54,7 @@ def files_dataset_id(rate: int) -> str:
 # ---- the run ---------------------------------------------------------------------------------
 def resolve_run(run: str | Path, work: Path) -> Path:
     """A run folder, or the name of one under <work>/runs."""
-    from pipeline.config import runs_dir
+    from core.config import runs_dir
 
     path = Path(run).expanduser()
     for candidate in (path, runs_dir(work) / str(run)):
@@ -191,7 +198,7 @@ def files_dataset(store: StemStore, inputs: Sequence[InputFile], rate: int):
     Returns the Dataset of these inputs' tracks (in input order, without repeats).
     """
     from cache.run import ingest_dataset
-    from pipeline.datasets import Dataset, Track
+    from core.datasets import Dataset, Track
 
     ds_id = files_dataset_id(rate)
     root = store.dataset_dir(ds_id)
@@ -237,9 +244,9 @@ def cache_run_models(store: StemStore, dataset, model_keys: Sequence[str], *, de
                      offline: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     """Make sure every model of the run has stems for the dataset's tracks; re-run only those
     missing. Returns cache_model's summary per model (computed / skipped tracks)."""
-    from cache.base import model_key
     from cache.run import cache_model, entry_of
-    from cache import registry
+    from separators import registry
+    from separators.base import model_key
 
     summaries = []
     for key in model_keys:
@@ -292,8 +299,8 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
                    fmt: str = "wav", log: Callable[[str], None] = print) -> dict:
     """Separate audio files with a run; write out/<file stem>/<target>.<fmt>. Returns a summary."""
     from cache.run import entry_of
+    from core.config import store_dir
     from mixer.apply import Mixer, load_config
-    from pipeline.config import store_dir
 
     t_start = time.perf_counter()
     fmt = fmt.lower().lstrip(".")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import read_json, write_json_atomic
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import read_json, write_json_atomic
 
 EXCERPT_S = 10.0        # seconds of each track around its loudest part
 WHOLE_BELOW_S = 30.0    # tracks shorter than this are played whole

@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from pipeline.progress import progress_bar
 
-from cache.store import StemStore, TrackEntry, read_json, sha256_file, write_json_atomic
-from pipeline.errors import PipelineError
-from reports.metrics import framewise_sdr, median_over_tracks, to_long, track_median, usdr
+from core.errors import PipelineError
+from core.metrics import framewise_sdr, median_over_tracks, to_long, track_median, usdr
+from core.progress import progress_bar
+from core.store import StemStore, TrackEntry, read_json, sha256_file, write_json_atomic
 
 ORACLE_MIX, ORACLE_IRM = "oracle: mixture", "oracle: IRM"
 PAIRED_CSV = "paired.csv"   # reports.paired.COLUMNS, one row per (system, target)
@@ -229,7 +229,7 @@ def select_best_per_source(store: StemStore, dataset_id: str, bases: list[System
 # ---- the stage -----------------------------------------------------------------------------
 def _full_metrics(store, dataset_id, systems, tracks) -> pd.DataFrame:
     """ISR/SIR/SAR (and museval's own SDR) through museval itself, in bounded parallel workers."""
-    from reports.metrics import full_bsseval
+    from core.metrics import full_bsseval
 
     info = store.dataset_info(dataset_id)
     parts = []
@@ -279,8 +279,13 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
     """Score every system; write the report folder. listening: True (the default page), False,
     or a reports.listening.ListeningOptions for report.html."""
     from reports.paired import paired_statistics
-    from reports.report import (best_single, boxplot_figure, summary_markdown, summary_tables,
-                                write_scores)
+    from reports.report import (
+        best_single,
+        boxplot_figure,
+        summary_markdown,
+        summary_tables,
+        write_scores,
+    )
 
     info = store.dataset_info(dataset_id)
     tracks = store.tracks(dataset_id, split)

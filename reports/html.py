@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cache.store import read_json
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import read_json
 from reports.report import AVERAGE, best_single, summary_tables
 
 PAIRED = "paired.csv"   # written by the evaluation when it has paired statistics

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import StemStore, TrackEntry, read_json
+from core.errors import PipelineError
+from core.progress import progress_bar
+from core.store import StemStore, TrackEntry, read_json
 from mixer.inputs import CHANNELS
-from pipeline.errors import PipelineError
-from pipeline.progress import progress_bar
-from reports.clips import (EXCERPT_S, EXTENSION, KBPS, MAX_MB, WHOLE_BELOW_S, ClipFolder,
-                           excerpt_window, fit_kbps)
+from reports.clips import (
+    EXCERPT_S,
+    EXTENSION,
+    KBPS,
+    MAX_MB,
+    WHOLE_BELOW_S,
+    ClipFolder,
+    excerpt_window,
+    fit_kbps,
+)
 from reports.html import write_page
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from reports.metrics import per_track
+from core.metrics import per_track
 
 COLUMNS = ("system", "target", "reference", "n_tracks", "delta_mean", "ci_low", "ci_high",
            "share_improved", "delta_median")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.metrics import aggregate, museval_json, per_track, write_museval_json
+from core.metrics import aggregate, museval_json, per_track, write_museval_json
 from reports.paired import paired_markdown
 
 AVERAGE = "average"

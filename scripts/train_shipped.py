@@ -9,10 +9,10 @@ Steps, each resumable (run the same command again after an interruption):
 
 1. generate the synthetic dataset with `pipeline make-dataset`'s defaults (seed 0, 28/6/6 tracks
    of 20 s at 44.1 kHz) in <work>/data/synthetic, and ingest it into the stem store <work>/store;
-2. for each family, `cache.train_base.train_base(store, <dataset id>, family, "small", seed=0)`
+2. for each family, `separators.train_base.train_base(store, <dataset id>, family, "small", seed=0)`
    into <work>/runs/base/<name> (Open-Unmix, X-UMX, Hybrid Demucs);
 3. separate the test split with the exported model and write its SDR into MODEL.md;
-4. copy <work>/runs/base/<name>/model to cache/checkpoints/<name>/ (the registry's shipped
+4. copy <work>/runs/base/<name>/model to separators/checkpoints/<name>/ (the registry's shipped
    checkpoints: `pipeline cache -m <name>` then loads it).
 
 --real DATASET trains the same recipes (family, preset, epochs, seed) on a real dataset's train
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
                    help="--real: run names <family>-<tag> (default musdb7)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--checkpoints", type=Path, default=REPO / "cache" / "checkpoints",
-                   help="where the finished models are installed (default cache/checkpoints)")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "separators" / "checkpoints",
+                   help="where the finished models are installed (default separators/checkpoints)")
     p.add_argument("--no-install", action="store_true", help="train and evaluate only")
     g = p.add_argument_group("synthetic dataset (pipeline make-dataset's defaults)")
     g.add_argument("--data-seed", type=int, default=0)
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     import torch
 
     from cache.run import ingest_dataset
-    from cache.store import StemStore
-    from cache.train_base import evaluate_trained, train_base, write_test_sdr
-    from pipeline.datasets import open_dataset
-    from pipeline.synth import generate_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
+    from core.synth import generate_dataset
+    from separators.train_base import evaluate_trained, train_base, write_test_sdr
 
     if args.threads:
         torch.set_num_threads(args.threads)

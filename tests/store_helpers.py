@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from cache.base import Separator
+from separators.base import Separator
 
 
 class GainSeparator(Separator):

@@ -14,17 +14,16 @@ import random
 import time
 from pathlib import Path
 
+import julius
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import julius
-
-from cache.base import model_key
-from cache.inference import separate_array
-from cache.registry import load_separator
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import model_key
+from separators.inference import separate_array
+from separators.registry import load_separator
 
 # tiny models trip harmless UserWarnings (LSTM dropout with few layers, demucs's init, torch.stft
 # deprecations inside asteroid); scoped to this module
@@ -103,7 +102,7 @@ def tiny_hdemucs(seed=0):
 
 def save_demucs(model, path: Path):
     """demucs.states.serialize_model's package + torch.save, as demucs's solver exports it."""
-    from cache.families.demucs import package_model
+    from separators.families.demucs import package_model
 
     pkg = package_model(model, {"model": type(model).__name__.lower(), "seed": 0})
     assert set(pkg) == {"klass", "args", "kwargs", "state", "training_args"}
@@ -114,7 +113,7 @@ def save_demucs(model, path: Path):
 
 @pytest.fixture(scope="module")
 def demucs_dirs(tmp_path_factory):
-    from cache.families.demucs import export_model
+    from separators.families.demucs import export_model
 
     root = tmp_path_factory.mktemp("demucs")
     save_demucs(tiny_htdemucs(), root / "single" / "tinyht.th")
@@ -239,7 +238,7 @@ def test_demucs_segment_longer_than_training_is_refused(demucs_dirs):
 def test_demucs_missing_pretrained_offline_fails_fast(empty_caches):
     import os
 
-    import cache.families.demucs  # noqa: F401  (import time is not what is measured)
+    import separators.families.demucs  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -364,7 +363,7 @@ def test_openunmix_weights_checksum_changes_model_key(umx_dir, tmp_path):
 
 
 def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
-    import cache.families.umx  # noqa: F401  (import time is not what is measured)
+    import separators.families.umx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -378,7 +377,7 @@ def test_openunmix_missing_pretrained_offline_fails_fast(empty_caches):
 def test_openunmix_urls_match_the_package():
     import openunmix
 
-    from cache.families.umx import PRETRAINED_URLS
+    from separators.families.umx import PRETRAINED_URLS
 
     for name, urls in PRETRAINED_URLS.items():
         src = inspect.getsource(getattr(openunmix, f"{name}_spec"))
@@ -488,7 +487,7 @@ def test_xumx_checksum_and_residual(xumx_file, tmp_path):
 
 
 def test_xumx_official_name_needs_a_local_file(empty_caches, tmp_path):
-    import cache.families.xumx  # noqa: F401  (import time is not what is measured)
+    import separators.families.xumx  # noqa: F401  (import time is not what is measured)
 
     t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
@@ -525,10 +524,10 @@ def test_unknown_option_and_other_families_options(umx_dir):
 
 
 def test_shipped_checkpoint_folders(umx_dir, demucs_dirs, xumx_file, tmp_path, monkeypatch):
-    """cache/checkpoints/<name>/: the family's own files + MODEL.md (+ unrelated YAML is fine)."""
+    """separators/checkpoints/<name>/: the family's own files + MODEL.md (+ unrelated YAML is fine)."""
     import shutil
 
-    from cache import registry
+    from separators import registry
 
     shipped = tmp_path / "checkpoints"
     shutil.copytree(umx_dir, shipped / "umx_tiny")

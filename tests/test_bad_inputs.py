@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import run_cli, write_stem_track
-from pipeline.errors import PipelineError
 from test_mixer import SOURCES, make_store, one_thread  # noqa: F401  (an autouse fixture)
+
+from core.errors import PipelineError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -199,7 +199,7 @@ BAD_MODEL_CASES = ["demucs .th noise", "demucs .th truncated", "demucs .th empty
 
 @pytest.mark.parametrize("case", BAD_MODEL_CASES)
 def test_a_file_that_is_not_a_model_is_one_line_naming_it(case, bad_models):
-    from cache.registry import load_separator
+    from separators.registry import load_separator
 
     spec, bad_file = bad_models[case]
     with pytest.raises(PipelineError) as info:
@@ -222,7 +222,7 @@ def test_cache_with_a_garbage_model_file(bad_models, env, capsys):
 
 
 def test_load_checkpoint_file_reasons(tmp_path):
-    from cache.weights import load_checkpoint_file
+    from separators.weights import load_checkpoint_file
 
     torch.save({"x": torch.zeros(2)}, tmp_path / "ok.pt")
     assert torch.equal(load_checkpoint_file(tmp_path / "ok.pt", "a state dict")["x"], torch.zeros(2))
@@ -241,8 +241,8 @@ def test_registry_names_the_file_a_future_loader_let_through(tmp_path, monkeypat
     """The safety net: a loader that raises a raw unpickling error still gives one line."""
     import pickle
 
-    import cache.families.xumx as xumx
-    from cache.registry import load_separator
+    import separators.families.xumx as xumx
+    from separators.registry import load_separator
 
     def broken(path, **kwargs):
         raise pickle.UnpicklingError("invalid load key, '\\x07'.")
@@ -255,7 +255,7 @@ def test_registry_names_the_file_a_future_loader_let_through(tmp_path, monkeypat
 
 # ---- item 2: the work folder is a file ---------------------------------------------------------
 def test_work_dir_refuses_files_on_its_path(tmp_path, monkeypatch):
-    from pipeline.config import work_dir
+    from core.config import work_dir
 
     (tmp_path / "f.wav").write_bytes(b"")
     assert work_dir(tmp_path / "new" / "work") == (tmp_path / "new" / "work").resolve()
@@ -287,7 +287,7 @@ BAD_NAMES = ["", "  ", "a/b", "../../escaped", "..", ".", "a\\b", "tab\there", "
 
 
 def test_check_name():
-    from pipeline.config import check_name
+    from core.config import check_name
 
     for good in ("blend", "umx-musdb7", "my.run", "a..b", "MDX Mixer (T=2^16)"):
         assert check_name(good) == good
@@ -339,8 +339,8 @@ def test_train_mixer_prints_a_short_summary(env, capsys):
 
 # ---- item 7: train-base ingests a dataset folder itself ------------------------------------------
 def test_train_base_ingests_a_dataset_folder(env, capsys):
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
+    from core.datasets import open_dataset
+    from core.store import StemStore
 
     work = env["root"] / "w-train-base"
     code, out, err = run_cli(["train-base", "-f", "umx", "--preset", "tiny", "-d", env["ds"], "--epochs", "1",
@@ -361,7 +361,7 @@ def test_evaluate_estimates_are_museval_exact(tmp_path, capsys):
     import museval
     import pandas as pd
 
-    from reports.metrics import framewise_sdr
+    from core.metrics import framewise_sdr
 
     rate, sources = 8000, ("bass", "vocals")
     ds, est = tmp_path / "ds", tmp_path / "est"

@@ -1,5 +1,5 @@
-"""pipeline.chunking.overlap_add (streaming, flat-top blocks) and the cache stage's blockwise
-separation of long tracks (cache.inference.separate_array)."""
+"""core.chunking.overlap_add (streaming, flat-top blocks) and the cache stage's blockwise
+separation of long tracks (separators.inference.separate_array)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.chunking import flattop_window, ola_window, overlap_add
+from core.chunking import flattop_window, ola_window, overlap_add
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -168,7 +168,7 @@ def umx(tmp_path_factory):
     """A tiny Open-Unmix in its real on-disk format (tests/test_adapters.py's builder), at 44.1 kHz."""
     from test_adapters import save_umx_folder
 
-    from cache.registry import load_separator
+    from separators.registry import load_separator
 
     folder = save_umx_folder(tmp_path_factory.mktemp("umx") / "tinyumx", ["vocals", "drums", "bass"])
     return load_separator(str(folder), offline=True, options={"niter": 0})
@@ -197,7 +197,7 @@ def blockwise_expectation(sep, x: np.ndarray, rate: int, block: int, overlap: in
 
 
 def test_separate_array_long_input_in_blocks(umx, tmp_path):
-    from cache.inference import separate_array
+    from separators.inference import separate_array
 
     rate = 22050                                    # != the model's 44.1 kHz: both resamplings
     x = (0.1 * np.random.default_rng(7).standard_normal((2, int(3.3 * rate)))).astype(np.float32)
@@ -225,7 +225,7 @@ def test_separate_array_long_input_in_blocks(umx, tmp_path):
 
 
 def test_separate_array_short_input_is_one_pass(umx):
-    from cache.inference import separate_array
+    from separators.inference import separate_array
 
     x = (0.1 * np.random.default_rng(8).standard_normal((2, 30000))).astype(np.float32)
     one = separate_array(umx, x, 44100)   # default blocks of 60 s: this is one
@@ -233,7 +233,7 @@ def test_separate_array_short_input_is_one_pass(umx):
     out = np.zeros((3, 2, 30000), np.float32)
     assert separate_array(umx, x, 44100, out=out, block_seconds=30000 / 44100) is out
     assert np.array_equal(out, one)
-    from pipeline.errors import PipelineError
+    from core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="output array"):
         separate_array(umx, x, 44100, out=np.zeros((3, 2, 5), np.float32))

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import MUSDB18_7, needs_musdb18_7, run_cli, write_stem_track
-from pipeline.datasets import musdb_validation_tracks, open_dataset
-from pipeline.errors import PipelineError
+
+from core.datasets import musdb_validation_tracks, open_dataset
+from core.errors import PipelineError
 
 
 @needs_musdb18_7

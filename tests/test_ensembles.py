@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import run_cli, write_stem_track
+from test_mixer import SOURCES, make_store
+
+from core.errors import PipelineError
+from core.metrics import framewise_sdr, median_over_tracks, track_median
 from mixer.apply import Mixer
 from mixer.bandblend import band_edges, search_band_blend
 from mixer.blend import apply_blend, search_blend
 from mixer.inputs import InputSpec
 from mixer.select import select_models
 from mixer.spectral import HOP, METHODS, N_FFT, SpectralEnsemble, make_run
-from pipeline.errors import PipelineError
-from reports.metrics import framewise_sdr, median_over_tracks, track_median
-from test_mixer import SOURCES, make_store
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,7 +165,7 @@ def test_band_blend_finds_the_split_and_beats_everything(two_halves):
                 assert (w["A"][b], w["B"][b]) == (1.0, 0.0), (target, b)
             elif hz[b] >= 1000:
                 assert (w["A"][b], w["B"][b]) == (0.0, 1.0), (target, b)
-    # held-out track, rendered by the run folder and scored by reports.metrics
+    # held-out track, rendered by the run folder and scored by core.metrics
     test = _rendered(store, root / "band", "test")
     blend = _rendered(store, root / "blend", "test")
     t = store.tracks("toy", "test")[0]
@@ -377,7 +377,7 @@ def test_cli_experiment_and_separate(tmp_path, capsys):
     code, _, err = run_cli(["separate", song, "-e", "ens-median", "-o", tmp_path / "out", "--device",
                             "cpu", "--work", work], capsys)
     assert code == 0, err
-    from cache.store import StemStore
+    from core.store import StemStore
 
     store = StemStore(work / "store")
     files = [d for d in store.datasets() if d.startswith("files-")][0]
@@ -417,7 +417,7 @@ def test_models_from_names_a_selection_of_the_experiments_models(tmp_path):
 
 def test_overlap_add_context_makes_block_borders_exact():
     """fn sees `context` samples beyond its segment: a one-sample delay is exact across borders."""
-    from pipeline.chunking import overlap_add
+    from core.chunking import overlap_add
 
     x = torch.randn(3, 1000)
     c = 4

@@ -4,14 +4,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import write_stem_track
+
 from cache.run import entry_of, ingest_dataset
-from cache.store import StemStore
+from core.datasets import open_dataset
+from core.metrics import framewise_sdr, track_median, usdr
+from core.store import StemStore
 from mixer.blend import search_blend
-from pipeline.datasets import open_dataset
 from reports import evaluate as ev
-from reports.metrics import framewise_sdr, track_median, usdr
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 

@@ -3,10 +3,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
+
+from core.errors import PipelineError
 from pipeline.experiment import load_experiment
-from pipeline.errors import PipelineError
 
 CONFIGS = REPO / "pipeline" / "configs"
 SHIPPED = ("umx-synth", "xumx-synth", "demucs-synth")
@@ -64,7 +64,7 @@ def test_shipped_configs_are_valid():
         assert config["models"] and config.get("systems")
     demo = load_experiment(CONFIGS / "demo.toml")
     assert [m["spec"] for m in demo["models"]] == list(SHIPPED)
-    from mixer.methods import METHODS   # every ensemble method, side by side
+    from mixer.methods import METHODS  # every ensemble method, side by side
     for name in ("demo", "musdb18-7"):
         config = load_experiment(CONFIGS / f"{name}.toml")
         assert {s["method"] for s in config["systems"]} == {"conv1x1", "mdx-mixer", *METHODS}, name
@@ -86,7 +86,7 @@ def test_bad_experiment_files(tmp_path):
         load_experiment(bad)
 
 
-@pytest.mark.skipif(not all((REPO / "cache" / "checkpoints" / n).is_dir() for n in SHIPPED),
+@pytest.mark.skipif(not all((REPO / "separators" / "checkpoints" / n).is_dir() for n in SHIPPED),
                     reason="shipped checkpoints not present")
 def test_run_end_to_end_then_reuse(tmp_path, capsys):
     config, work = tmp_path / "tiny.toml", tmp_path / "work"

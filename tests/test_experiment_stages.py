@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
-from pipeline.errors import PipelineError
+
+from core.errors import PipelineError
 from pipeline.experiment import load_experiment
 
 EXPERIMENT = """
@@ -100,11 +100,11 @@ def _config(tmp_path, text=EXPERIMENT, name="honest.toml"):
 def _spy(monkeypatch):
     """Record, in order, every read of a track's audio or stems from the store (method, track
     id) and the start and end of every fitting stage and of the evaluation."""
-    import cache.train_base
     import mixer.methods
     import mixer.train
     import reports.evaluate
-    from cache.store import StemStore
+    import separators.train_base
+    from core.store import StemStore
 
     events = []
     for method in READS:
@@ -129,7 +129,7 @@ def _spy(monkeypatch):
 
         monkeypatch.setattr(module, name, marked)
 
-    mark(cache.train_base, "train_base")
+    mark(separators.train_base, "train_base")
     mark(mixer.methods, "search_blend")   # the name the experiment's ensembles call
     mark(mixer.train, "train_mixer")
     mark(reports.evaluate, "evaluate")
@@ -141,7 +141,7 @@ def test_nothing_reads_the_evaluation_split_before_the_evaluation(tmp_path, monk
     work = tmp_path / "work"
     code, out, err = run_cli(["run", _config(tmp_path), "--work", work], capsys)
     assert code == 0, err
-    from cache.store import StemStore
+    from core.store import StemStore
 
     store = StemStore(work / "store")
     ds = store.datasets()[0]
@@ -204,9 +204,9 @@ def test_trainings_are_kept_when_finished_and_resumed_when_interrupted(tmp_path,
                                     'family = "demucs"\npreset = "tiny"\nepochs = 2')
     assert two_epochs != EXPERIMENT
     config = _config(tmp_path, two_epochs)
-    import cache.train_base as tb
-    from cache.store import StemStore
-    from pipeline.config import store_dir
+    import separators.train_base as tb
+    from core.config import store_dir
+    from core.store import StemStore
 
     store = StemStore(store_dir(work))
     tb.train_base(store, store.datasets()[0], "demucs", "tiny", work / "runs" / "tiny-demucs",

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_mixer import SOURCES, make_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ def test_mixer_trains_with_bf16_autocast_and_applies_like_cpu(tmp_path):
 
 @pytest.mark.cuda
 def test_ranks_share_the_gpus_round_robin(monkeypatch):
-    from pipeline.config import default_device, local_cuda_index
+    from core.config import default_device, local_cuda_index
 
     assert default_device() == "cuda"
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))   # one rank too many

@@ -11,17 +11,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, run_cli
+
 from cache.run import entry_of, ingest_dataset
-from cache.store import StemStore
+from core.datasets import open_dataset
+from core.store import StemStore
+from core.synth import generate_dataset
 from mixer.blend import search_blend
 from mixer.train import train_mixer
-from pipeline.datasets import open_dataset
-from pipeline.synth import generate_dataset
 from reports import evaluate as ev
-from reports.clips import (KBPS, MIN_KBPS, bytes_per_second, encode_opus, excerpt_window,
-                           fit_kbps)
+from reports.clips import (
+    KBPS,
+    MIN_KBPS,
+    bytes_per_second,
+    encode_opus,
+    excerpt_window,
+    fit_kbps,
+)
 from reports.html import PAIRED_COLUMNS
 from reports.listening import ListeningOptions
 

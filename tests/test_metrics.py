@@ -1,4 +1,4 @@
-"""reports.metrics against museval itself: framewise SDR (real MUSDB18-7 tracks and edge cases),
+"""core.metrics against museval itself: framewise SDR (real MUSDB18-7 tracks and edge cases),
 uSDR known answers, EvalStore/MethodStore aggregation, the per-track JSON, full BSSEval.
 
 museval costs ~20 s per 7 s 4-source track here, so each real track is evaluated once (module
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports import metrics as M
+from core import metrics as M
 
 MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT")
                  or Path(__file__).resolve().parents[2] / "shared/data/musdb18-7")

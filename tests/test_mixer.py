@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import StemStore, TrackEntry, write_json_atomic
+from core.metrics import framewise_sdr, median_over_tracks, track_median, usdr
+from core.store import StemStore, TrackEntry, write_json_atomic
 from mixer.apply import apply_run, export_weights
 from mixer.blend import apply_blend, collect_stats, search, search_blend, simplex_grid
-from mixer.inputs import (InputSpec, NormalisedInputs, assemble_inputs, mixture_stats,
-                          normalise)
+from mixer.inputs import (
+    InputSpec,
+    NormalisedInputs,
+    assemble_inputs,
+    mixture_stats,
+    normalise,
+)
 from mixer.models import PRESETS, Conv1x1Mixer, MDXMixer, fold, unfold
 from mixer.train import MIXER, mixer_config, train_mixer
-from reports.metrics import framewise_sdr, median_over_tracks, track_median, usdr
 
 SOURCES = ("drums", "bass", "other", "vocals")
 
@@ -166,8 +171,8 @@ def test_lazy_inputs_equal_the_assembled_array(tmp_path):
         lazy[0]
 
     # an untrained (random) MDX-Mixer through Mixer == overlap-add over the eager tensor
+    from core.chunking import overlap_add
     from mixer.apply import Mixer
-    from pipeline.chunking import overlap_add
     T, F, N = PRESETS["tiny"].values()
     config = mixer_config(spec, "toy", "mdx-mixer", T=T, F=F, N=N, p=0.0, epochs=1, batch=1,
                           lr=0.0, shift=T, seed=0, max_segments_per_epoch=None, init="random")
@@ -211,7 +216,7 @@ def _blend_store(tmp_path):
 
 def _brute_force(store, srcs, weights, objective):
     """For each source, every grid point (step 0.1) rendered with apply_blend and scored with
-    reports.metrics, the other sources at `weights`: {source: {weights in tenths: value}}."""
+    core.metrics, the other sources at `weights`: {source: {weights in tenths: value}}."""
     tracks = store.tracks("toy", "valid")
     data = [(np.asarray(store.references("toy", t)), {k: np.asarray(store.stems(k, "toy", t)) for k in srcs})
             for t in tracks]
@@ -242,7 +247,7 @@ def test_blend_search_matches_brute_force(tmp_path, objective):
         assert abs(sum(weights[s].values()) - 1) < 1e-9 and min(weights[s].values()) >= 0
     assert set(weights["other"]) == {"m0", "m1"}
 
-    # Every grid point scored from inner products == rendered and scored by reports.metrics,
+    # Every grid point scored from inner products == rendered and scored by core.metrics,
     # including the vertices at which museval's silence rule removes frames.
     brute = _brute_force(store, srcs, weights, objective)
     spec = InputSpec.from_store(store, "toy", list(srcs), with_mixture=False)
@@ -369,7 +374,7 @@ def test_resumed_training_is_bit_identical(tmp_path):
 def test_select_last_keeps_the_last_epoch_without_a_valid_split(tmp_path):
     """select='last' never reads the valid split (there is none here) and keeps the last epoch;
     the default, selection on the valid split, needs one and says so."""
-    from pipeline.errors import PipelineError
+    from core.errors import PipelineError
 
     store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
                        splits=(("train", 2), ("test", 1)), length=4096)
@@ -416,7 +421,7 @@ def test_select_on_the_selection_split_trains_on_the_rest_of_train(tmp_path, mon
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
-    from pipeline.errors import PipelineError
+    from core.errors import PipelineError
 
     store = make_store(tmp_path / "store", {"m0": (SOURCES, np.eye(4))},
                        splits=(("train", 1), ("valid", 1)), length=2048)
@@ -459,10 +464,10 @@ def test_average_init_starts_from_the_uniform_average():
 def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_there(tmp_path):
     """base = a conv1x1 run: W_k = W + ΔW_k with W the conv1x1's and ΔW_k = 0 before training;
     the training loss is L1 + penalty x mean(ΔW_k^2); a large penalty keeps ΔW_k near zero."""
+    from core.errors import PipelineError
     from mixer.apply import Mixer
     from mixer.models import build_mixer
     from mixer.train import penalised
-    from pipeline.errors import PipelineError
 
     rng = np.random.default_rng(7)
     models = {f"m{i}": (SOURCES, np.eye(4) + 0.3 * rng.standard_normal((4, 4))) for i in range(2)}

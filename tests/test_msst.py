@@ -1,4 +1,4 @@
-"""MSST checkpoints (YAML config + .ckpt) through cache.families.msst, checked against the msst
+"""MSST checkpoints (YAML config + .ckpt) through separators.families.msst, checked against the msst
 package's own inference on the same file.
 
 Each model is tiny, with random weights, saved as MSST's zoo saves them: the config's fields and
@@ -15,9 +15,9 @@ import soundfile as sf
 import torch
 import yaml
 
-from cache.inference import separate_array
-from cache.registry import load_separator
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.inference import separate_array
+from separators.registry import load_separator
 
 SR = 16000
 MUSDB = ["drums", "bass", "other", "vocals"]
@@ -200,12 +200,12 @@ def test_msst_cache_key_covers_config_weights_and_inference(zoo, tmp_path):
     (1000, 160, 4, 1), (1000, 160, 4, 3), (1003, 160, 2, 2), (250, 160, 4, 2), (100, 160, 2, 1),
     (159, 64, 1, 2), (3001, 320, 8, 5)])
 def test_msst_window_equals_msst_demix(n, chunk, overlap, batch):
-    """pipeline.chunking's 'msst' window against MSST's demix itself, on a model whose output
+    """core.chunking's 'msst' window against MSST's demix itself, on a model whose output
     depends on the chunk (so every weighting rule shows), for lengths around the padding rules."""
     from ml_collections import ConfigDict
     from msst.utils.model_utils import demix
 
-    from pipeline.chunking import overlap_add
+    from core.chunking import overlap_add
 
     class Model(torch.nn.Module):
         def forward(self, x):   # [B, 2, T] -> [B, 2 stems, 2, T], chunk-dependent

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-
-from cache.registry import load_separator
 from conftest import write_four_tracks
-from pipeline.errors import PipelineError
 from test_adapters import MUSDB, save_umx_folder
 from test_separate import cli
+
+from core.errors import PipelineError
+from separators.registry import load_separator
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -74,7 +74,7 @@ def env(tmp_path_factory):
 
 
 def test_two_and_four_stem_models_are_blended_mixed_and_evaluated(env, tmp_path):
-    from cache.store import StemStore
+    from core.store import StemStore
     from mixer.inputs import InputSpec
 
     ds, work = env["ds"], env["work"]

@@ -2,7 +2,7 @@
 import io
 import time
 
-import pipeline.progress as progress
+import core.progress as progress
 
 
 class _Tty(io.StringIO):

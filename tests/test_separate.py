@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import write_four_tracks
 from test_adapters import MUSDB, save_umx_folder
 
@@ -70,7 +69,7 @@ def env(tmp_path_factory):
 
 
 def store_of(env):
-    from cache.store import StemStore
+    from core.store import StemStore
 
     return StemStore(env["work"] / "store")
 
@@ -85,11 +84,11 @@ class Counter:
     """Counts base-model loads and separations inside the CLI."""
 
     def __init__(self, monkeypatch):
-        import cache.inference
-        import cache.registry
+        import separators.inference
+        import separators.registry
 
         self.loads = self.separations = 0
-        load, separate = cache.registry.load_separator, cache.inference.separate_array
+        load, separate = separators.registry.load_separator, separators.inference.separate_array
 
         def counting_load(*a, **k):
             self.loads += 1
@@ -99,8 +98,8 @@ class Counter:
             self.separations += 1
             return separate(*a, **k)
 
-        monkeypatch.setattr(cache.registry, "load_separator", counting_load)
-        monkeypatch.setattr(cache.inference, "separate_array", counting_separate)
+        monkeypatch.setattr(separators.registry, "load_separator", counting_load)
+        monkeypatch.setattr(separators.inference, "separate_array", counting_separate)
 
 
 @pytest.mark.parametrize("run,fmt", [("blend", "wav"), ("conv1x1-tiny", "flac")])
@@ -125,9 +124,9 @@ def test_outputs_per_target_at_the_input_rate(env, run, fmt, tmp_path, capsys):
 
 def test_blend_equals_weighted_sum_of_the_models_separations(env, tmp_path):
     """Known answer: with weights 0.25 / 0.75 the output is that sum of the two models' stems."""
-    from cache.inference import separate_array
-    from cache.registry import load_separator
-    from pipeline.audio import resample
+    from core.audio import resample
+    from separators.inference import separate_array
+    from separators.registry import load_separator
 
     run = tmp_path / "blend-quarter"
     shutil.copytree(env["work"] / "runs" / "blend", run)

@@ -3,15 +3,15 @@ import re
 
 import pytest
 import torch
-
 from conftest import REPO
-from cache.run import ingest_dataset
-from cache.store import StemStore
-from cache.train_base import evaluate_trained
-from pipeline.datasets import open_dataset
-from pipeline.synth import generate_dataset
 
-CHECKPOINTS = REPO / "cache" / "checkpoints"
+from cache.run import ingest_dataset
+from core.datasets import open_dataset
+from core.store import StemStore
+from core.synth import generate_dataset
+from separators.train_base import evaluate_trained
+
+CHECKPOINTS = REPO / "separators" / "checkpoints"
 SHIPPED = ("umx-synth", "xumx-synth", "demucs-synth")
 
 

@@ -1,7 +1,7 @@
 """The derived splits: `select` is a fixed tenth of train chosen by name, `fit` the rest."""
 from types import SimpleNamespace
 
-from pipeline.splits import resolve, selection_names
+from core.splits import resolve, selection_names
 
 
 def _tracks(names, split="train"):

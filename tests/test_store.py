@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import REPO, run_cli, write_stem_track
 from store_helpers import GainSeparator
+
 from cache.run import cache_model, entry_of, ingest_dataset, parse_shard
-from cache.store import StemStore
-from pipeline.datasets import open_dataset
-from pipeline.errors import PipelineError
+from core.datasets import open_dataset
+from core.errors import PipelineError
+from core.store import StemStore
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{tests!r}, {repo!r}]
     from store_helpers import GainSeparator
     from cache.run import cache_model, ingest_dataset
-    from cache.store import StemStore
-    from pipeline.datasets import open_dataset
+    from core.store import StemStore
+    from core.datasets import open_dataset
     store, ds = StemStore({store!r}), open_dataset({ds!r})
     ingest_dataset(store, ds, progress=False)
     cache_model(store, ds, GainSeparator(delay={delay}), progress=False)
@@ -185,7 +185,7 @@ def test_ls_lists_models(tmp_path, ds_root, capsys):
 
 # ---- streaming writers: long tracks a piece at a time ----------------------------------------
 def test_npy_file_ranges_read_and_write_like_numpy(tmp_path):
-    from cache.store import NpyFile
+    from core.store import NpyFile
 
     ref = np.random.default_rng(0).standard_normal((5, 2, 1000)).astype(np.float32)
     np.save(tmp_path / "a.npy", ref)
@@ -252,7 +252,7 @@ KILLED = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = [{repo!r}]
     import numpy as np
-    from cache.store import StemStore, TrackEntry
+    from core.store import StemStore, TrackEntry
     store = StemStore({store!r})
     t = TrackEntry("song", "train", "train", 100000)
     w = store.open_stems_writer("m-1", "ds", t, (4, 2, 100000))
@@ -262,7 +262,7 @@ KILLED = textwrap.dedent("""
 
 
 def test_stems_writer_killed_midway_leaves_no_entry(tmp_path):
-    from cache.store import TrackEntry
+    from core.store import TrackEntry
 
     store = StemStore(tmp_path / "store")
     proc = subprocess.run([sys.executable, "-c", KILLED.format(repo=str(REPO), store=str(store.root))])
@@ -297,7 +297,7 @@ def test_ingest_in_chunks_equals_whole_tracks(tmp_path, ds_root, monkeypatch):
 def test_cache_model_long_track_in_blocks(tmp_path, ds_root, monkeypatch):
     import functools
 
-    import cache.inference
+    import separators.inference
 
     store, ds = StemStore(tmp_path / "store"), open_dataset(ds_root)
     ingest_dataset(store, ds, progress=False)
@@ -305,8 +305,8 @@ def test_cache_model_long_track_in_blocks(tmp_path, ds_root, monkeypatch):
     ingest_dataset(ref, ds, progress=False)
     key = cache_model(ref, ds, GainSeparator(), progress=False)["key"]
     # blocks of 0.25 s (2000 samples at 8 kHz) over 0.05 s: every track takes 5 blocks
-    monkeypatch.setattr(cache.inference, "separate_array", functools.partial(
-        cache.inference.separate_array, block_seconds=0.25, overlap_seconds=0.05))
+    monkeypatch.setattr(separators.inference, "separate_array", functools.partial(
+        separators.inference.separate_array, block_seconds=0.25, overlap_seconds=0.05))
     assert cache_model(store, ds, GainSeparator(), progress=False)["key"] == key
     for t in store.tracks(ds.id):
         blocks, one = store.stems(key, ds.id, t), ref.stems(key, ds.id, t)

@@ -1,13 +1,19 @@
-"""The project's modules import one way: CLI on top, stages below, foundation at the bottom.
+"""The project's modules import one way: the commands on top, the stages below them, the shared
+ground at the bottom (README, "Architecture").
 
 Every import counts, including those inside functions (a lazy import still ties two modules
-together), so the graph has no cycle at all.
+together), so the graph has no cycle at all, and no module imports a package of its own layer or
+of a layer above it (only its own package, or a package of a layer below).
 """
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "cache", "mixer", "reports")
+# bottom to top; packages of one layer do not import each other (stages talk through the stem
+# store and run folders)
+LAYERS = (("core",), ("separators",), ("cache", "mixer"), ("reports",), ("pipeline",))
+PACKAGES = tuple(p for layer in LAYERS for p in layer)
+LAYER_OF = {p: i for i, layer in enumerate(LAYERS) for p in layer}
 
 
 def _module_name(path: Path) -> str:
@@ -71,3 +77,30 @@ def test_no_import_cycle():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a.x -> b.y' for every import of another package that is not in a lower layer."""
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        mine = mod.split(".")[0]
+        for dep in sorted(deps):
+            theirs = dep.split(".")[0]
+            if theirs != mine and LAYER_OF[theirs] >= LAYER_OF[mine]:
+                bad.append(f"{mod} -> {dep}")
+    return bad
+
+
+def test_every_import_points_down():
+    graph = import_graph()
+    assert {m.split(".")[0] for m in graph} == set(PACKAGES)
+    bad = upward_imports(graph)
+    assert not bad, "imports of a layer not below the importer's: " + "; ".join(bad)
+
+
+def test_layer_check_finds_an_upward_import():
+    assert upward_imports({"core.store": {"mixer.apply"}, "mixer.apply": set()}) == \
+        ["core.store -> mixer.apply"]
+    assert upward_imports({"cache.run": {"mixer.apply"}, "mixer.apply": set()}) == \
+        ["cache.run -> mixer.apply"]   # one layer: neither imports the other
+    assert upward_imports({"reports.evaluate": {"mixer.apply", "core.store"}}) == []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import synth
-from pipeline.errors import PipelineError
-from pipeline.synth import STEMS, generate_dataset
+from core import synth
+from core.errors import PipelineError
+from core.synth import STEMS, generate_dataset
 
 SMALL = dict(seed=3, n_train=2, n_valid=2, n_test=2, duration=3.0, sample_rate=22050,
              progress=False)
@@ -37,7 +37,7 @@ def small(tmp_path_factory):
 
 def test_layout_and_metadata(small):
     meta = json.loads((small / "dataset.json").read_text())
-    assert meta["generator"] == {"name": "pipeline.synth", "version": synth.VERSION}
+    assert meta["generator"] == {"name": "pipeline.synth", "version": synth.VERSION}   # kept across moves
     assert meta["seed"] == 3 and meta["sizes"] == {"train": 2, "valid": 2, "test": 2}
     assert meta["duration"] == 3.0 and meta["sample_rate"] == 22050
     assert len(meta["tracks"]) == 6

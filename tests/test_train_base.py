@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from cache.losses import (combinations, freq_domain_loss, multi_domain_loss, time_domain_loss,
-                          weighted_sdr)
 from cache.run import ingest_dataset
-from cache.store import StemStore
-from cache.train_base import build, resolve_config, train_base
-from cache.train_data import NO_AUGMENT, FixedCrops, RandomMixes
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import StemStore
+from separators.losses import (
+    combinations,
+    freq_domain_loss,
+    multi_domain_loss,
+    time_domain_loss,
+    weighted_sdr,
+)
+from separators.train_base import build, resolve_config, train_base
+from separators.train_data import NO_AUGMENT, FixedCrops, RandomMixes
 
 # (family, train_base keyword arguments): the variants worth a training run each
 VARIANTS = {"umx": ("umx", {}), "xumx": ("xumx", {}), "danna-sep": ("xumx", {"xumx_loss": "complex"}),
@@ -26,8 +31,8 @@ VARIANTS = {"umx": ("umx", {}), "xumx": ("xumx", {}), "danna-sep": ("xumx", {"xu
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from pipeline.datasets import open_dataset
-    from pipeline.synth import generate_dataset
+    from core.datasets import open_dataset
+    from core.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("synth") / "ds"
     generate_dataset(root, seed=3, n_train=2, n_valid=1, n_test=1, duration=3.0,
@@ -171,7 +176,7 @@ def test_loss_decreases_on_a_fixed_batch(tiny, variant):
 @pytest.mark.parametrize("variant", ["umx", "xumx", "hdemucs", "htdemucs", "bs-roformer",
                                      "mel-roformer"])
 def test_train_save_reload_separate(tiny, tmp_path, variant):
-    from cache.registry import load_separator
+    from separators.registry import load_separator
 
     store, ds = tiny
     family, kw = VARIANTS[variant]

@@ -1,4 +1,4 @@
-"""UVR MDX-Net ONNX models through cache.families.uvr, against audio-separator's own inference.
+"""UVR MDX-Net ONNX models through separators.families.uvr, against audio-separator's own inference.
 
 The model is a tiny random network exported to ONNX with UVR's interface (input "input",
 [1, 4, dim_f, dim_t] -> the same), its parameters in a UVR model-data JSON keyed by UVR's hash.
@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from cache.families.uvr import uvr_hash
-from cache.inference import separate_array
-from cache.registry import load_separator
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.families.uvr import uvr_hash
+from separators.inference import separate_array
+from separators.registry import load_separator
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_network")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 INSTRUMENTAL = "instrumental"
 _SYNONYMS = {"vocal": "vocals", "voice": "vocals", "drum": "drums", "instrument": INSTRUMENTAL,

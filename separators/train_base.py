@@ -1,7 +1,7 @@
 """`pipeline train-base`: train our own base separators on any dataset in the stem store.
 
 Four families, four genuinely different separators (the point of ensembling them), each with its
-recipe in its family module (cache/families/<family>.py, beside its loading adapter):
+recipe in its family module (separators/families/<family>.py, beside its loading adapter):
 
 * ``umx``: Open-Unmix, one spectrogram-masking BLSTM per target (magnitude MSE); saved in
   Open-Unmix's folder format (``<target>.pth`` + ``<target>.json`` + ``separator.json``).
@@ -13,17 +13,17 @@ recipe in its family module (cache/families/<family>.py, beside its loading adap
   the `msst` package), transformers over band-split spectrograms (L1 + multi-resolution STFT
   loss); saved in MSST's format, ``config.yaml`` + ``model.ckpt``.
 
-The loop itself is `pipeline.training.train` (seeded, resumable per epoch, best checkpoint on the
+The loop itself is `core.training.train` (seeded, resumable per epoch, best checkpoint on the
 validation loss, metrics.csv, progress bar, CUDA autocast, torchrun DDP). This module resolves the
-configuration, builds the data (`cache.train_data`), asks the family's recipe for the network, the
+configuration, builds the data (`separators.train_data`), asks the family's recipe for the network, the
 loss and, at the end, the export of the best checkpoint to ``run_dir/model/`` with a ``MODEL.md``
-card (cache.families.card); `cache.registry.load_separator(run_dir / "model")` loads the result,
-and copying the folder to ``cache/checkpoints/<name>/`` ships it.
+card (separators.families.card); `separators.registry.load_separator(run_dir / "model")` loads the result,
+and copying the folder to ``separators/checkpoints/<name>/`` ships it.
 
 Run folder::
 
     run_dir/config.json     the resolved configuration (a resumed run must match it)
-    run_dir/last.pt, best.pt, metrics.csv     pipeline.training's checkpoints and log
+    run_dir/last.pt, best.pt, metrics.csv     core.training's checkpoints and log
     run_dir/input_stats.npz  Open-Unmix / X-UMX input normalisation (computed once)
     run_dir/model/          the exported model + MODEL.md
 """
@@ -43,12 +43,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cache.families import TRAINABLE as FAMILIES, canonical_family as family_of, recipe
-from cache.families.card import CARD, model_card, synthetic_info, write_test_sdr
-from cache.families.common import versions
-from cache.store import StemStore, write_json_atomic
-from cache.train_data import Augment, FixedCrops, RandomMixes
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import StemStore, write_json_atomic
+from separators.families import TRAINABLE as FAMILIES
+from separators.families import canonical_family as family_of
+from separators.families import recipe
+from separators.families.card import CARD, model_card, synthetic_info, write_test_sdr
+from separators.families.common import versions
+from separators.train_data import Augment, FixedCrops, RandomMixes
 
 __all__ = ["FAMILIES", "PRESET_NAMES", "BaseTrainResult", "build", "evaluate_trained",
            "family_of", "fit_and_select_splits", "resolve_config", "train_base", "write_test_sdr"]
@@ -68,7 +70,7 @@ def resolve_config(family: str, preset: str, *, sample_rate: int, n_train_tracks
                    targets: Sequence[str], model_options: dict | None = None,
                    train_options: dict | None = None) -> dict:
     """The full configuration of a run: preset, then the explicit options on top."""
-    from cache.families.common import merge_options
+    from separators.families.common import merge_options
 
     family = family_of(family)
     fam = recipe(family)
@@ -95,11 +97,11 @@ def build(config: dict, prepared=None):
 
 def evaluate_trained(store: StemStore, dataset_id: str, model_dir: str | Path, *,
                      split: str = "test", device: str = "cpu", write_card: bool = True) -> dict:
-    """Separate a split with the exported model (through cache.registry, as the cache stage
+    """Separate a split with the exported model (through separators.registry, as the cache stage
     would) and score it with museval-exact framewise SDR; fills MODEL.md when `write_card`.
     Returns {source: median over tracks of the per-track median SDR}."""
-    from cache.registry import load_separator
-    from reports.metrics import framewise_sdr, median_over_tracks, track_median
+    from core.metrics import framewise_sdr, median_over_tracks, track_median
+    from separators.registry import load_separator
 
     sep = load_separator(str(model_dir), device=device, offline=True)
     sources = list(store.dataset_info(dataset_id)["sources"])
@@ -188,7 +190,7 @@ def finished_run(run_dir: Path, config: dict) -> BaseTrainResult | None:
 def fit_and_select_splits(store: StemStore, dataset_id: str,
                           select_split: str | None) -> tuple[str, str]:
     """(split trained on, split whose loss picks the best epoch) for train-base."""
-    from pipeline.splits import SELECT, fit_split
+    from core.splits import SELECT, fit_split
 
     if select_split is None:
         select_split = "valid" if store.tracks(dataset_id, "valid") else "train"
@@ -235,7 +237,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             channels, depth, t_layers).
         train_options: further loop options (weight_decay, lr_schedule 'cosine'|'constant',
             lr_min_ratio, grad_clip, samples_per_track, valid_segment, valid_max_items, augment
-            as a dict of `cache.train_data.Augment` fields).
+            as a dict of `separators.train_data.Augment` fields).
         device: 'cpu', 'cuda', 'cuda:1' (default: cuda when available); under torchrun each rank
             uses cuda:LOCAL_RANK and the data is split over ranks (DDP).
         resume: continue from run_dir/last.pt when present (the configuration must match; only
@@ -246,15 +248,22 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
         num_workers: DataLoader worker processes.
         progress: show the progress bar.
         select_split: the split whose loss picks the best epoch: 'valid' (default when the
-            dataset has one), 'select' (a fixed tenth of train, see pipeline.splits; training
+            dataset has one), 'select' (a fixed tenth of train, see core.splits; training
             then uses the rest of train, 'fit': for data whose valid split is the evaluation
             split) or 'train'. Recorded in config.json with the held-out track names.
         command: the command line recorded in MODEL.md (default: this process's argv).
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
     """
-    from pipeline.training import (BEST, LAST, METRICS, _distributed, cosine_schedule,
-                                   load_checkpoint, train)
+    from core.training import (
+        BEST,
+        LAST,
+        METRICS,
+        _distributed,
+        cosine_schedule,
+        load_checkpoint,
+        train,
+    )
 
     family = family_of(family)
     run_dir = Path(run_dir)

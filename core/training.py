@@ -32,10 +32,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from pipeline.progress import progress_bar
 
-from pipeline.config import local_cuda_index
-from pipeline.errors import PipelineError
+from core.config import local_cuda_index
+from core.errors import PipelineError
+from core.progress import progress_bar
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.csv"
 METRIC_FIELDS = ("epoch", "train_loss", "valid_loss", "seconds", "lr")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache.base import BLOCK_SECONDS, OVERLAP_SECONDS, Separator
-from pipeline.chunking import overlap_add
-from pipeline.errors import PipelineError
+from core.chunking import overlap_add
+from core.errors import PipelineError
+from separators.base import BLOCK_SECONDS, OVERLAP_SECONDS, Separator
 
 
 def _resample(x: torch.Tensor, old: int, new: int) -> torch.Tensor:
@@ -51,11 +51,11 @@ def separate_array(separator: Separator, mixture, rate: int, out=None,
     resampled to `separator.sample_rate` and the stems back to `rate` with julius, then trimmed or
     zero-padded to exactly n samples. Runs under torch.inference_mode on separator.device.
 
-    `mixture` is an array or anything sliced like one along time (a np.memmap, cache.store's
+    `mixture` is an array or anything sliced like one along time (a np.memmap, core.store's
     NpyFile); it is read a block at a time and copied, never modified. A mixture longer than
     `block_seconds` (None: never) is separated in blocks of at most that length, each through the
     same resample -> model -> resample path, cross-faded over `overlap_seconds` with
-    pipeline.chunking's flat-top window; memory is then a block's, whatever the track's length.
+    core.chunking's flat-top window; memory is then a block's, whatever the track's length.
     A mixture no longer than one block is separated whole.
 
     out: an array-like [S, 2, n] to write the stems into (a float16 np.memmap, a store

@@ -6,9 +6,9 @@
 
 The factory returns a torch module or any callable that takes mixtures [B, 2, n] at its sample
 rate and returns stems [B, S, 2, n] (or [S, 2, n] for B = 1), and declares, as attributes of
-what it returns, `sources` (stem names, mapped onto the dataset's by cache.sources) and
+what it returns, `sources` (stem names, mapped onto the dataset's by core.sources) and
 `sample_rate`; optionally `segment` (seconds: longer inputs are cut into Hann-weighted segments
-with pipeline.chunking.overlap_add, hop a quarter segment). Keyword values are parsed as JSON
+with core.chunking.overlap_add, hop a quarter segment). Keyword values are parsed as JSON
 when they can be (`?n_fft=2048&soft=true`), else passed as strings.
 
 The stem store's model key covers the factory's name and keywords, the module's source file and,
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from cache.base import Separator, parse_query
-from cache.weights import combined_checksum
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import Separator, parse_query
+from separators.weights import combined_checksum
 
 FAMILY = "plugin"
 ENTRY_POINT_GROUP = "pipeline.separators"
@@ -86,7 +86,7 @@ class PluginSeparator(Separator):
     family = FAMILY
 
     def __init__(self, model, name: str, params: dict, checksum: str):
-        from cache.sources import canonical_sources
+        from core.sources import canonical_sources
 
         missing = [a for a in ("sources", "sample_rate") if not hasattr(model, a)]
         if missing:
@@ -119,7 +119,7 @@ class PluginSeparator(Separator):
         return y.float()
 
     def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        from pipeline.chunking import overlap_add
+        from core.chunking import overlap_add
 
         mix = mixture.to(self.device, torch.float32)
         if self.segment:

@@ -2,7 +2,7 @@
 
 Base separators without chunking of their own (Open-Unmix, X-UMX) and the learned mixers both
 process a long signal as overlapping segments and cross-fade them back together; the cache stage
-processes long tracks in blocks the same way (`cache.inference.separate_array`, flat-top window).
+processes long tracks in blocks the same way (`separators.inference.separate_array`, flat-top window).
 Demucs models use demucs's own `apply_model` chunking inside each block.
 
 Finished output samples can be streamed to a `sink` instead of being collected, so a long signal

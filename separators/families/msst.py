@@ -18,17 +18,17 @@ model type comes from `training.model_type`, the checkpoint's `meta.model_type`,
 on the spec, or the architecture section's fields (`_detect_model_type`).
 
 Inference is MSST's `demix` (utils/model_utils.py), run through the project's one overlap-add
-(`pipeline.chunking.overlap_add`, window "msst"): chunk_size from `inference.chunk_size` or
+(`core.chunking.overlap_add`, window "msst"): chunk_size from `inference.chunk_size` or
 `audio.chunk_size`, hop chunk_size // num_overlap, MSST's linear fades, reflect padding and
 per-batch window rules, `inference.batch_size` chunks per forward; a single-target model runs with
 `active_stem_ids` where the class supports it; `inference.normalize` normalises by the mixture's
 mean/std and back; mono models get MSST's duplicated-channel input; CUDA runs under autocast
-when `training.use_amp` (MSST's default) is on. Tracks longer than cache.base.BLOCK_SECONDS are
+when `training.use_amp` (MSST's default) is on. Tracks longer than separators.base.BLOCK_SECONDS are
 separated per block (the cache stage's rule), so only there can stems differ from MSST's
 whole-track pass.
 
 Sources: `training.target_instrument` alone, else `training.instruments`; names go through
-`cache.sources.canonical_sources` (a vocals + other pair is vocals + instrumental, MSST's
+`core.sources.canonical_sources` (a vocals + other pair is vocals + instrumental, MSST's
 "other_fix" meaning).
 
 Training recipe (`train-base --family roformer`, at the end of this file): BS-RoFormer (default)
@@ -45,11 +45,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from cache.base import Separator
-from cache.families.common import cpu_state, merge_options
-from cache.weights import (cached_checksum, combined_checksum, load_checkpoint_file,
-                           model_file_errors)
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import Separator
+from separators.families.common import cpu_state, merge_options
+from separators.weights import (
+    cached_checksum,
+    combined_checksum,
+    load_checkpoint_file,
+    model_file_errors,
+)
 
 FAMILY = "msst"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -197,7 +201,7 @@ class MSSTSeparator(Separator):
     family = FAMILY
 
     def __init__(self, network, cfg: dict, model_type: str, name: str, checksum: str):
-        from cache.sources import canonical_sources
+        from core.sources import canonical_sources
 
         self.network = network.eval()
         for p in self.network.parameters():
@@ -255,7 +259,7 @@ class MSSTSeparator(Separator):
         return y.float()
 
     def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        from pipeline.chunking import overlap_add
+        from core.chunking import overlap_add
 
         mix = mixture.to(self.device, torch.float32)
         if self.mono:   # MSST averages to mono, then its demix feeds the channel twice
@@ -313,7 +317,7 @@ def load_msst(config_path: Path, ckpt_path: Path, *, device="cpu", model_type: s
 
 
 # --------------------------------------------------------------------------------------------
-# Training recipe: a RoFormer of our own (cache.train_base; interface in cache.families.common)
+# Training recipe: a RoFormer of our own (separators.train_base; interface in separators.families.common)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "roformer"
 WITH_REST = False

@@ -2,7 +2,7 @@
 the one-line "weights not found" error, and reading a weight file so that a damaged or foreign
 file is a one-line error naming it (`load_checkpoint_file`, `model_file_errors`). Shared by every
 adapter (what a model is lives in the adapters; which spec names which adapter lives in
-cache.registry)."""
+separators.registry)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from cache.base import file_checksum
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import file_checksum
 
 # --------------------------------------------------------------------------------------------
 

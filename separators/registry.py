@@ -5,7 +5,7 @@ Two questions are kept apart, as in demucs's pretrained.py / repo.py:
 * where weights come from (this module's "weight locations" helpers, plus each adapter's
   `locate_*` functions): a local folder (`--repo DIR`), the torch hub cache
   (`$TORCH_HOME/hub/checkpoints`), the Hugging Face cache, a shipped checkpoint folder under
-  `cache/checkpoints/<name>/`, or (online only) a download;
+  `separators/checkpoints/<name>/`, or (online only) a download;
 * what a model is (each adapter's Separator class): how it is built and how it separates.
 
 `load_separator(spec, ...)` accepts
@@ -16,14 +16,14 @@ Two questions are kept apart, as in demucs's pretrained.py / repo.py:
     when it holds several), a `<sig>.th` / `<name>.yaml` file, an Open-Unmix model folder
     (`separator.json`, `<target>.json`, `<target>.pth`), an X-UMX `.pth` file (or a folder
     holding exactly one);
-  - an MSST model (cache.families.msst): `CONFIG.yaml:MODEL.ckpt` (optionally
+  - an MSST model (separators.families.msst): `CONFIG.yaml:MODEL.ckpt` (optionally
     `?model_type=TYPE&name=NAME`), or a folder holding one config .yaml and one .ckpt (what
     `train-base --family roformer` writes);
-  - a UVR MDX-Net `.onnx` file (cache.families.uvr; parameters from UVR's model-data JSON next
+  - a UVR MDX-Net `.onnx` file (separators.families.uvr; parameters from UVR's model-data JSON next
     to it, audio-separator's table, or `?dim_f=..&dim_t=..&n_fft=..&compensate=..&primary_stem=..`);
-  - a plugin (cache.families.plugin): `py:package.module:factory[?key=value...]` or
+  - a plugin (separators.families.plugin): `py:package.module:factory[?key=value...]` or
     `entry:NAME` (a `pipeline.separators` entry point);
-  - the name of a shipped checkpoint folder `cache/checkpoints/<name>/` (family detected from
+  - the name of a shipped checkpoint folder `separators/checkpoints/<name>/` (family detected from
     the files present; `MODEL.md` is the model card and is ignored here).
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cache.base import parse_query
-from cache.weights import LOAD_ERRORS, enable_offline, why_unloadable
-from pipeline.config import check_device
-from pipeline.errors import PipelineError
+from core.config import check_device
+from core.errors import PipelineError
+from separators.base import parse_query
+from separators.weights import LOAD_ERRORS, enable_offline, why_unloadable
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -48,7 +48,7 @@ XUMX_NAMES = ("xumx",)
 # --------------------------------------------------------------------------------------------
 
 def demucs_names() -> list[str]:
-    from cache.families.demucs import pretrained_names
+    from separators.families.demucs import pretrained_names
 
     return pretrained_names()
 
@@ -71,14 +71,14 @@ def detect_family(folder: Path) -> str:
     names = {p.name for p in files}
     if "separator.json" in names:
         return "openunmix"
-    from cache.families.msst import folder_files
+    from separators.families.msst import folder_files
 
     if folder_files(folder) is not None:
         return "msst"
     if any(p.suffix == ".th" for p in files):
         return "demucs"
     if any(p.suffix == ".yaml" for p in files):
-        from cache.families.demucs import is_bag_yaml
+        from separators.families.demucs import is_bag_yaml
 
         if any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"):
             return "demucs"
@@ -96,23 +96,23 @@ def detect_family(folder: Path) -> str:
 def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
     family = detect_family(folder)
     if family == "demucs":
-        from cache.families.demucs import load_demucs, pick_local_name
+        from separators.families.demucs import load_demucs, pick_local_name
 
         return load_demucs(name or pick_local_name(folder), repo=folder, offline=offline,
                            device=device, options=options, label=label)
     if name is not None:
         raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
     if family == "msst":
-        from cache.families.msst import folder_files, load_msst
+        from separators.families.msst import folder_files, load_msst
 
         config, ckpt = folder_files(folder)
         return load_msst(config, ckpt, device=device, label=label)
     if family == "openunmix":
-        from cache.families.umx import load_openunmix
+        from separators.families.umx import load_openunmix
 
         return load_openunmix(str(folder), device=device, offline=offline, options=options,
                               label=label)
-    from cache.families.xumx import load_xumx
+    from separators.families.xumx import load_xumx
 
     pth = next(p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth")
     return load_xumx(pth, device=device, options=options, label=label)
@@ -139,14 +139,14 @@ def _split_dir_name(spec: str) -> tuple[Path, str] | None:
 def _load_special(spec: str, *, device, offline, options):
     """The specs that name their format: py:... plugins, CONFIG.yaml:MODEL.ckpt (MSST), UVR
     files (.onnx); None for everything else."""
-    from cache.families.msst import is_msst_spec
+    from separators.families.msst import is_msst_spec
 
     if spec.startswith("py:") or spec.startswith("entry:"):
-        from cache.families.plugin import load_plugin
+        from separators.families.plugin import load_plugin
 
         return load_plugin(spec, device=device)
     if is_msst_spec(spec):
-        from cache.families.msst import load_msst
+        from separators.families.msst import load_msst
 
         base, params = parse_query(spec)
         unknown = sorted(set(params) - {"model_type", "name"})
@@ -158,7 +158,7 @@ def _load_special(spec: str, *, device, offline, options):
                          model_type=params.get("model_type"), label=params.get("name"))
     base = spec.partition("?")[0]
     if Path(base).suffix.lower() == ".onnx":
-        from cache.families.uvr import load_mdx_onnx
+        from separators.families.uvr import load_mdx_onnx
 
         path, params = parse_query(spec)
         return load_mdx_onnx(Path(path).expanduser(), params, device=device)
@@ -213,11 +213,11 @@ def _load_separator(spec: str, *, device, offline: bool, repo, options):
             return _load_folder(path, None, device=dev, offline=offline, options=options,
                                 label=run_label(path))
         if path.suffix == ".pth":
-            from cache.families.xumx import load_xumx
+            from separators.families.xumx import load_xumx
 
             return load_xumx(path, device=dev, options=options)
         if path.suffix in (".th", ".yaml"):
-            from cache.families.demucs import is_bag_yaml, load_demucs, sig_of
+            from separators.families.demucs import is_bag_yaml, load_demucs, sig_of
 
             if path.suffix == ".yaml" and not is_bag_yaml(path):
                 raise PipelineError(f"{path}: not a demucs bag definition (YAML with a 'models' "
@@ -230,14 +230,14 @@ def _load_separator(spec: str, *, device, offline: bool, repo, options):
         raise PipelineError(f"{spec}: no such file or folder")
 
     if spec in OPENUNMIX_NAMES:
-        from cache.families.umx import load_openunmix
+        from separators.families.umx import load_openunmix
 
         return load_openunmix(spec, device=dev, offline=offline, repo=repo_path, options=options)
     if spec in XUMX_NAMES:
-        from cache.families.xumx import load_xumx, locate_official_xumx
+        from separators.families.xumx import load_xumx, locate_official_xumx
 
         return load_xumx(locate_official_xumx(repo_path), device=dev, options=options, label=spec)
-    from cache.families.demucs import is_pretrained, load_demucs, local_has
+    from separators.families.demucs import is_pretrained, load_demucs, local_has
 
     if is_pretrained(spec) or (repo_path is not None and local_has(repo_path, spec)):
         return load_demucs(spec, repo=repo_path, offline=offline, device=dev, options=options)
@@ -245,10 +245,10 @@ def _load_separator(spec: str, *, device, offline: bool, repo, options):
     if shipped.is_dir():
         return _load_folder(shipped, None, device=dev, offline=offline, options=options, label=spec)
 
-    from cache.families.plugin import entry_point
+    from separators.families.plugin import entry_point
 
     if entry_point(spec) is not None:
-        from cache.families.plugin import load_plugin
+        from separators.families.plugin import load_plugin
 
         return load_plugin(f"entry:{spec}", device=dev)
     known = known_names()

@@ -2,7 +2,7 @@
 
 `model_card` writes the card at export (architecture and loss lines come from the family's
 recipe, `describe(config)`); `write_test_sdr` fills a museval-SDR section afterwards
-(`cache.train_base.evaluate_trained`, scripts/train_shipped.py).
+(`separators.train_base.evaluate_trained`, scripts/train_shipped.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 CARD = "MODEL.md"
 SDR_BEGIN, SDR_END = "<!-- test-sdr -->", "<!-- /test-sdr -->"
@@ -84,7 +84,7 @@ def model_card(config: dict, summary: dict, files: list[Path], fam: str, loss: s
         "",
         SDR_BEGIN,
         "Not evaluated yet: the evaluation step fills this section "
-        "(`cache.train_base.evaluate_trained`).",
+        "(`separators.train_base.evaluate_trained`).",
         SDR_END,
         "",
     ]

@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.audio import AUDIO_EXTENSIONS, audio_info, check_finite, read_audio, to_stereo
-from pipeline.config import SOURCES
-from pipeline.errors import PipelineError, fail
+from core.audio import AUDIO_EXTENSIONS, audio_info, check_finite, read_audio, to_stereo
+from core.config import SOURCES
+from core.errors import PipelineError, fail
 
 SUBSETS = ("train", "valid", "test")
 SPLITS = ("train", "valid", "test")

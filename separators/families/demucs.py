@@ -42,12 +42,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from cache.base import Separator, pick_options
-from cache.families.common import cpu_state, merge_options, waveform_l1
-from cache.weights import (cached_checksum, check_torch_file, combined_checksum, hf_cached,
-                           hf_offline, hub_checkpoints_dir, missing_weights_error,
-                           model_file_errors)
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import Separator, pick_options
+from separators.families.common import cpu_state, merge_options, waveform_l1
+from separators.weights import (
+    cached_checksum,
+    check_torch_file,
+    combined_checksum,
+    hf_cached,
+    hf_offline,
+    hub_checkpoints_dir,
+    missing_weights_error,
+    model_file_errors,
+)
 
 FAMILY = "demucs"
 
@@ -408,7 +415,7 @@ def export_model(model, folder: str | Path, sig: str, training_args: dict | None
 
 
 # --------------------------------------------------------------------------------------------
-# Training recipe (cache.train_base; see cache.families.common for the interface)
+# Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "demucs"
 WITH_REST = False

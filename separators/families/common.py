@@ -1,10 +1,10 @@
 """What every family's training recipe shares: option merging, exported state dicts, versions.
 
-A family module (cache/families/<name>.py) holds a model's loading/inference adapter and, for
+A family module (separators/families/<name>.py) holds a model's loading/inference adapter and, for
 the families `pipeline train-base` trains, its recipe side by side. The recipe is a handful of
-module-level names the loop in `cache.train_base` reads:
+module-level names the loop in `separators.train_base` reads:
 
-    TRAIN_NAME                  the `--family` name (aliases: cache.families)
+    TRAIN_NAME                  the `--family` name (aliases: separators.families)
     PRESETS                     {preset: {"model": {...}, "train": {...}}} (tiny, small, paper)
     MODEL_DEFAULTS              the network options when a preset does not set them
     resolve_model(preset, model_options) -> dict   the network configuration (validated)
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.versions import package_versions
 
 
 def merge_options(family: str, what: str, base: dict, options: dict | None,
@@ -52,8 +53,6 @@ def cpu_state(module: nn.Module) -> dict:
 
 
 def versions() -> dict:
-    from cache.run import package_versions
-
     return package_versions()
 
 

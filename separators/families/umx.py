@@ -21,7 +21,7 @@ model without residual the default niter is 0 (openunmix raises otherwise).
 
 Long tracks: the whole-track STFT, BiLSTM and Wiener filtering cost GBs on a 10-minute track, so
 the signal is cut into `segment`-second pieces (default 30 s, half-overlapping) and cross-faded
-with pipeline.chunking.overlap_add. Inputs no longer than one segment are processed whole.
+with core.chunking.overlap_add. Inputs no longer than one segment are processed whole.
 
 Training recipe (`train-base --family umx`, at the end of this file): one `OpenUnmix` per target,
 trained with the MSE between magnitude spectrograms (Open-Unmix's scripts/train.py: input
@@ -38,13 +38,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.base import MaskingSeparator, pick_options, resolve_niter
-from cache.families.common import bandwidth_to_max_bin, cpu_state, resolve_preset_model
-from cache.losses import stft
-from cache.weights import (cached_checksum, combined_checksum, hub_checkpoints_dir,
-                           load_checkpoint_file, missing_weights_error)
-from pipeline.config import SOURCES
-from pipeline.errors import PipelineError
+from core.config import SOURCES
+from core.errors import PipelineError
+from separators.base import MaskingSeparator, pick_options, resolve_niter
+from separators.families.common import (
+    bandwidth_to_max_bin,
+    cpu_state,
+    resolve_preset_model,
+)
+from separators.losses import stft
+from separators.weights import (
+    cached_checksum,
+    combined_checksum,
+    hub_checkpoints_dir,
+    load_checkpoint_file,
+    missing_weights_error,
+)
 
 FAMILY = "openunmix"
 
@@ -253,7 +262,7 @@ def load_openunmix(name_or_path: str, *, device="cpu", offline: bool = False, re
 
 
 # --------------------------------------------------------------------------------------------
-# Training recipe (cache.train_base; see cache.families.common for the interface)
+# Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "umx"
 WITH_REST = False

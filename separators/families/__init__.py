@@ -1,6 +1,6 @@
 """Base-model families: one module per family, holding how its models are found, loaded and run
-(the `Separator` adapter `cache.registry` builds) and, for the families `pipeline train-base`
-trains, its training recipe side by side (see cache.families.common for the recipe interface).
+(the `Separator` adapter `separators.registry` builds) and, for the families `pipeline train-base`
+trains, its training recipe side by side (see separators.families.common for the recipe interface).
 
     umx      Open-Unmix: pretrained umxhq/umxl/umx, model folders; trains `--family umx`
     xumx     X-UMX (asteroid): .pth files; trains `--family xumx`
@@ -11,13 +11,13 @@ trains, its training recipe side by side (see cache.families.common for the reci
     plugin   any separator given as Python code (`py:module:factory`, entry points)
 
 A new family is a new module here, plus its names in `TRAINABLE` (when it trains) and its spec
-syntax in cache.registry (when it loads).
+syntax in separators.registry (when it loads).
 """
 from __future__ import annotations
 
 from types import ModuleType
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 TRAINABLE = ("umx", "xumx", "demucs", "roformer")
 
@@ -26,13 +26,13 @@ def recipe(family: str) -> ModuleType:
     """The module holding `family`'s training recipe (aliases accepted)."""
     name = canonical_family(family)
     if name == "umx":
-        from cache.families import umx as module
+        from separators.families import umx as module
     elif name == "xumx":
-        from cache.families import xumx as module
+        from separators.families import xumx as module
     elif name == "demucs":
-        from cache.families import demucs as module
+        from separators.families import demucs as module
     else:
-        from cache.families import msst as module
+        from separators.families import msst as module
     return module
 
 

@@ -1,7 +1,7 @@
 """What a base separator is, for the cache: named stereo stems out of a stereo mixture.
 
-One module per family (cache/families/: demucs, umx, xumx, msst, uvr, plugin) builds a
-`Separator`; `cache.registry` maps user-facing names to adapters.
+One module per family (separators/families/: demucs, umx, xumx, msst, uvr, plugin) builds a
+`Separator`; `separators.registry` maps user-facing names to adapters.
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
+from core.errors import PipelineError
 
-from pipeline.errors import PipelineError
-
-BLOCK_SECONDS = 60.0     # cache.inference separates a long track in blocks of at most this ...
+BLOCK_SECONDS = 60.0     # separators.inference separates a long track in blocks of at most this ...
 OVERLAP_SECONDS = 2.0    # ... cross-faded over this much (demucs's own overlap is 0.25 x ~8 s)
 
 
@@ -42,7 +41,7 @@ class Separator(abc.ABC):
         Hashed into the stem store's model key, so a change of weights or of any inference
         option gives a new key and stale stems are never reused.
         """
-        # Tracks longer than a block are separated blockwise (cache.inference), which changes
+        # Tracks longer than a block are separated blockwise (separators.inference), which changes
         # their stems slightly: the block settings are part of what the stems depend on.
         return {"family": self.family, "name": self.name, "weights": self.weights_checksum(),
                 "options": self.options(),
@@ -105,7 +104,7 @@ class MaskingSeparator(Separator):
         """[B, 2, T] -> [B, S, 2, T], without chunking."""
 
     def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        from pipeline.chunking import overlap_add
+        from core.chunking import overlap_add
 
         mixture = mixture.to(self.device, torch.float32)
         seg = int(round(self.segment * self.sample_rate))

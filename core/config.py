@@ -6,7 +6,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 WORK_ENV = "PIPELINE_WORK"
 DEFAULT_WORK = "work"

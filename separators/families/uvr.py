@@ -14,7 +14,7 @@ the table audio-separator ships (its model-data.json).
 Inference follows audio-separator's MDXSeparator (0.47): chunks of hop x (dim_t - 1) samples
 (the model's own dim_t: audio-separator's segment_size, whose default 256 is the usual models'
 dim_t; for another it converts the ONNX graph to torch) with trim = n_fft / 2, overlap 0.25,
-Hann-weighted (pipeline.chunking's "uvr-mdx" window); STFT
+Hann-weighted (core.chunking's "uvr-mdx" window); STFT
 with the first 3 bins zeroed, ONNX, ISTFT; primary = the model's output, secondary = mixture -
 compensate x primary. audio-separator additionally scales its input to a peak of 0.9 when louder
 and multiplies the primary stem by the input's original peak (its change #203); we do neither
@@ -30,9 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.base import Separator
-from cache.weights import cached_checksum, combined_checksum, model_file_errors, why_unloadable
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import Separator
+from separators.weights import (
+    cached_checksum,
+    combined_checksum,
+    model_file_errors,
+    why_unloadable,
+)
 
 FAMILY = "uvr-mdx"
 HASH_BYTES = 10000 * 1024
@@ -92,7 +97,7 @@ class MDXNetSeparator(Separator):
 
     def __init__(self, session, data: dict, name: str, checksum: str, *, overlap: float,
                  hop_length: int):
-        from cache.sources import canonical_sources
+        from core.sources import canonical_sources
 
         self.session, self.name, self._checksum = session, name, checksum
         self.dim_f = int(data["mdx_dim_f_set"])
@@ -138,7 +143,7 @@ class MDXNetSeparator(Separator):
         return self._istft(torch.from_numpy(np.stack(out)))[:, None].to(chunks.device)
 
     def separate(self, mixture: torch.Tensor) -> torch.Tensor:
-        from pipeline.chunking import overlap_add
+        from core.chunking import overlap_add
 
         mix = mixture.float()
         step = int((1 - self.overlap) * self.chunk)

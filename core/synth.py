@@ -49,10 +49,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from scipy import signal
-from pipeline.progress import progress_bar
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.progress import progress_bar
 
+# the generator's name as recorded in every dataset.json it wrote (kept when the module moved
+# from pipeline/ to core/: an existing dataset stays this generator's output)
 GENERATOR = "pipeline.synth"
 VERSION = 1
 SPLITS = ("train", "valid", "test")

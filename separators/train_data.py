@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cache.store import StemStore, TrackEntry
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.store import StemStore, TrackEntry
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ The filters only matter for ISR/SIR/SAR; they cost museval minutes and gigabytes
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -22,12 +23,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import multiprocessing as mp
 import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from pipeline.config import SOURCES
+from core.config import SOURCES
 
 LONG_COLUMNS = ["system", "track", "target", "metric", "frame", "value"]
 BSSEVAL_METRICS = ("SDR", "ISR", "SIR", "SAR")  # the order museval.evaluate returns them in

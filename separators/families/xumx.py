@@ -11,7 +11,7 @@ n_fft, n_hop, centred, reflect padding, Hann window) -> magnitude (`spec_power`)
 magnitude estimates -> multichannel Wiener filtering (`openunmix.filtering.wiener`, the torch
 port of the norbert filter the recipe uses; `niter` option) -> complex spectrograms -> ISTFT,
 trimmed/padded to the input length. Long inputs are cut into `segment`-second pieces and
-cross-faded with pipeline.chunking.overlap_add (the BiLSTMs and the Wiener step otherwise cost
+cross-faded with core.chunking.overlap_add (the BiLSTMs and the Wiener step otherwise cost
 GBs on a full track). When asteroid fixes XUMX, only this file changes.
 
 Checkpoints: asteroid's serialized dict (`BaseModel.serialize()`, as the recipe's train.py saves
@@ -26,7 +26,7 @@ ever unpickled. Never downloaded: `xumx` must be a local file.
 
 Training recipe (`train-base --family xumx`, at the end of this file): asteroid's `BrokenXUMX`,
 the four networks bridged by averaged hidden states, trained with the combinational multi-domain
-loss of the X-UMX paper (`cache.losses`); `xumx_loss="complex"` gives the Danna-Sep variant
+loss of the X-UMX paper (`separators.losses`); `xumx_loss="complex"` gives the Danna-Sep variant
 (complex-domain MSE after a differentiable multichannel Wiener filter). Exported as asteroid's
 serialized dict (model_name "XUMX") in `xumx.pth`.
 """
@@ -37,12 +37,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cache.base import MaskingSeparator, pick_options, resolve_niter
-from cache.families.common import bandwidth_to_max_bin, cpu_state, resolve_preset_model
-from cache.losses import istft, multichannel_wiener, stft
-from cache.weights import (cached_checksum, hub_checkpoints_dir, load_checkpoint_file,
-                           missing_weights_error)
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from separators.base import MaskingSeparator, pick_options, resolve_niter
+from separators.families.common import (
+    bandwidth_to_max_bin,
+    cpu_state,
+    resolve_preset_model,
+)
+from separators.losses import istft, multichannel_wiener, stft
+from separators.weights import (
+    cached_checksum,
+    hub_checkpoints_dir,
+    load_checkpoint_file,
+    missing_weights_error,
+)
 
 FAMILY = "xumx"
 
@@ -207,7 +215,7 @@ def load_xumx(path: str | Path, *, device="cpu", options: dict | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# Training recipe (cache.train_base; see cache.families.common for the interface)
+# Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "xumx"
 WITH_REST = True    # the multi-domain loss needs the whole mixture: targets + the rest
@@ -249,7 +257,9 @@ def check_training(targets, amp: str) -> None:
 
 
 def prepare(run_dir: Path, store, dataset_id: str, config: dict, rank: int, split: str = "train"):
-    from cache.families.umx import prepare as umx_prepare   # the same Open-Unmix statistics
+    from separators.families.umx import (
+        prepare as umx_prepare,  # the same Open-Unmix statistics
+    )
 
     return umx_prepare(run_dir, store, dataset_id, config, rank, split)
 
@@ -280,7 +290,7 @@ class XUMXTrainNet(nn.Module):
 
 
 class XUMXLoss:
-    """X-UMX's combinational multi-domain loss on `XUMXTrainNet`'s output (see cache.losses).
+    """X-UMX's combinational multi-domain loss on `XUMXTrainNet`'s output (see separators.losses).
 
     refs: [B, T (+1), 2, n]: the targets, then possibly the rest of the mixture; the mixture is
     the sum of all of them. loss='magnitude': the frequency term compares the masked magnitudes
@@ -295,7 +305,7 @@ class XUMXLoss:
         self.wiener = wiener_iters > 0
 
     def __call__(self, out: torch.Tensor, refs_all: torch.Tensor) -> torch.Tensor:
-        from cache.losses import multi_domain_loss
+        from separators.losses import multi_domain_loss
 
         n = refs_all.shape[-1]
         mix = refs_all.sum(1)

@@ -34,8 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.splits import resolve as resolve_split
+from core.errors import PipelineError
+from core.splits import resolve as resolve_split
 
 MANIFEST = "manifest.json"
 
@@ -312,7 +312,7 @@ class StemStore:
 
     def tracks(self, dataset_id: str, split: str | None = None) -> list[TrackEntry]:
         """The dataset's tracks in `split` (None: all): train / valid / test, or the derived
-        `select` (a fixed tenth of train) and `fit` (the rest of train), see pipeline.splits."""
+        `select` (a fixed tenth of train) and `fit` (the rest of train), see core.splits."""
         info = self.dataset_info(dataset_id)
         entries = [TrackEntry(t["name"], t["subset"], t["split"], t["length"]) for t in info["tracks"]]
         return resolve_split(split, entries)
