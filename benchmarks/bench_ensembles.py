@@ -1,7 +1,7 @@
 """Benchmark: the ensembles that train nothing - spectral ensembles' speed, band-wise blend search.
 
 (a) Spectral and order-statistic ensembles (mixer.spectral) of 4 models x 4 sources on a LONG_S-
-    second stereo track (default 60 s), applied through mixer.apply.Mixer on a run folder with
+    second stereo track (default 60 s), applied through mixer.methods.load_mixer on a run folder with
     the stems read from a stem store by positional reads, as `pipeline separate` does: seconds of
     audio per second of compute (x real time) for each method. The track is MUSDB18-7 music (the
     train split's references, concatenated); the 4 "models" are leaky mixtures of those
@@ -56,7 +56,7 @@ def musdb_store(work: Path):
 # ---- (a) ---------------------------------------------------------------------------------------
 def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
     from core.store import StemStore, TrackEntry
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
     from mixer.spectral import METHODS, make_run
 
     rate = 44100
@@ -88,7 +88,7 @@ def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
     for method in METHODS:
         run = work / "runs" / f"bench-{method}"
         make_run(bench, "long", keys, method, run_dir=run)
-        mixer = Mixer(run)
+        mixer = load_mixer(run)
         best = np.inf
         for _ in range(2):   # the better of two: the machine is shared
             with bench.mixture_file("long", track) as mixture:
@@ -120,9 +120,9 @@ def cache_models(store, ds) -> list[str]:
 def rendered_objective(store, ds_id, run: Path, tracks) -> np.ndarray:
     """museval median over frames and tracks per source of the run applied to every track."""
     from core.metrics import framewise_sdr, median_over_tracks, track_median
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
 
-    mixer = Mixer(run)
+    mixer = load_mixer(run)
     rate = store.dataset_info(ds_id)["sample_rate"]
     scores = []
     for t in tracks:

@@ -14,7 +14,7 @@ the three shipped base models (umx-synth, xumx-synth with niter=0 as in the demo
     store through a DataLoader (what train_mixer reads, batch 4), against the segments per second
     each model consumes (forward + L1 loss + backward + Adam step on a batch of 4) - for conv1x1 and
     the MDX-Mixer presets. Ratio > 1: the store keeps the model fed.
-(c) Mixer inference real-time factor. mixer.apply.Mixer (normalise, segments of T with hop T/4,
+(c) Mixer inference real-time factor. mixer.methods.load_mixer (normalise, segments of T with hop T/4,
     Hann overlap-add, de-normalise) on a LONG_S-second track (default 60 s; stems tiled from the
     store): seconds of compute per second of audio, for blend, conv1x1 and MDX-Mixer presets.
 (d) Peak memory of `pipeline separate` on a 10-minute stereo track, each in a fresh subprocess:
@@ -146,9 +146,8 @@ def bench_training_input(store, ds_id, keys, seconds: float):
         loader_rate = got / (time.perf_counter() - t0)
 
         torch.manual_seed(0)
-        model = build_mixer(arch, spec.in_channels, spec.out_channels, T,
-                            None if arch == "conv1x1" else F, None if arch == "conv1x1" else N,
-                            0.0)
+        model = build_mixer(arch, spec.in_channels, spec.out_channels,
+                            {"T": T, "F": F, "N": N, "p": 0.0})
         opt = torch.optim.Adam(model.parameters(), lr=3e-4)
         used, t0, steps = 0, None, 0
         while True:
@@ -185,7 +184,7 @@ def make_run(store, ds_id, keys, arch: str, preset: str, run_dir: Path) -> Path:
 
 
 def bench_inference(store, ds_id, keys, runs: dict, long_s: float):
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
 
     t = store.tracks(ds_id, "train")[0]
     n = int(long_s * RATE)
@@ -194,7 +193,7 @@ def bench_inference(store, ds_id, keys, runs: dict, long_s: float):
     stems = {k: tile(store.stems(k, ds_id, t)) for k in keys}   # float16, as in the store
     rows = []
     for name, run_dir in runs.items():
-        m = Mixer(run_dir)
+        m = load_mixer(run_dir)
         m(mixture[:, :RATE], {k: s[..., :RATE] for k, s in stems.items()})   # warm-up
         t0 = time.perf_counter()
         out = m(mixture, stems)

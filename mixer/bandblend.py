@@ -33,10 +33,12 @@ import torch
 
 from core.chunking import segment_of
 from core.errors import PipelineError
+from core.options import option
 from core.progress import progress_bar
 from core.store import StemStore, write_json_atomic
 from mixer.blend import (
     OBJECTIVES,
+    BlendOptions,
     SourceStats,
     blend_sounds,
     collect_stats,
@@ -45,6 +47,7 @@ from mixer.blend import (
     simplex_grid,
     source_models,
 )
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec
 from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
 
@@ -307,16 +310,13 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
     table = source_models(spec)
     weights = {t: {spec.model_keys[m]: [round(float(v), 6) for v in found.weights[j][:, i]]
                    for i, (m, _) in enumerate(table[j])} for j, t in enumerate(spec.targets)}
-    config = {"method": METHOD, "dataset": dataset_id, "rate": rate, "split": split, "step": step,
-              "objective": objective, "frame": rate,
-              "bands": {"count": bands, "scale": scale, "bins": [int(b) for b in bins],
-                        "edges_hz": [round(float(h), 1) for h in hz]},
-              "stft": {"n_fft": N_FFT, "hop": HOP, "window": "hann"},
-              "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": weights,
-              "validation": {
+    config = run_config(
+        METHOD, spec, dataset_id, BandBlendOptions(step, objective, split, bands, scale),
+        rate=rate, split=split, step=step, objective=objective, frame=rate,
+        bands={"count": bands, "scale": scale, "bins": [int(b) for b in bins],
+               "edges_hz": [round(float(h), 1) for h in hz]},
+        stft={"n_fft": N_FFT, "hop": HOP, "window": "hann"}, weights=weights,
+        validation={
                   "band_blend": {t: found.best[j] for j, t in enumerate(spec.targets)},
                   "plain_blend": {t: found.plain_best[j] for j, t in enumerate(spec.targets)},
                   "plain_weights": {t: {spec.model_keys[m]: round(float(found.plain[j][i]), 6)
@@ -325,10 +325,38 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
                   "single_models": {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
                                     for m, k in enumerate(spec.model_keys)},
                   "tracks": [t.name for t in tracks]},
-              "search": {"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
-                         "converged": found.converged}}
+        search={"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
+                "converged": found.converged})
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
         (run_dir / "weights.md").write_text(_markdown(spec, config))
     return config
+
+
+# ---- the method ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BandBlendOptions(BlendOptions):
+    split: str = option("select", "split the weights are searched on")
+    bands: int = option(8, "number of frequency bands")
+    band_scale: str = option("mel", "band spacing: mel (equal mel widths) or octave", choices=SCALES)
+
+
+class BandBlendMixer(Mixer):
+    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        return apply_config(self.config, mixture, stems_by_key)
+
+
+def _fit(r: FitRequest) -> dict:
+    o = r.options
+    return search_band_blend(r.store, r.dataset_id, r.models, bands=o.bands, scale=o.band_scale,
+                             step=o.step, objective=o.objective, split=o.split,
+                             run_dir=r.run_dir, progress=r.progress)
+
+
+RECORD = Method(
+    name=METHOD,
+    summary="per source and per frequency band, convex weights over the models, searched",
+    options=BandBlendOptions, fit=_fit,
+    load=lambda config, run_dir, **_: BandBlendMixer(config, run_dir),
+    reads=lambda o: [("search", o.split, "split")])

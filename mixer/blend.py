@@ -36,8 +36,10 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from core.errors import PipelineError
+from core.options import option
 from core.store import StemStore, write_json_atomic
-from mixer.inputs import InputSpec
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
+from mixer.inputs import InputSpec, check_inputs
 
 OBJECTIVES = ("museval", "usdr")
 MAX_ROUNDS = 5
@@ -339,6 +341,8 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
                  run_dir: str | Path | None = None) -> dict:
     """Search blend weights on `split`; write `run_dir` (config.json, weights.json, weights.md)
     when given; return the config."""
+    if objective not in OBJECTIVES:
+        raise PipelineError(f"blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
     grid_divisions(step)   # a bad step fails before minutes of reading stems
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     info = store.dataset_info(dataset_id)
@@ -357,14 +361,11 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
     best = {t: found.best[j] for j, t in enumerate(spec.targets)}
     single = {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
               for m, k in enumerate(spec.model_keys)}
-    config = {"method": "blend", "dataset": dataset_id, "split": split, "step": step,
-              "objective": objective, "frame": win, "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": weights,
-              "validation": {"blend": best, "single_models": single,
-                             "tracks": [t.name for t in tracks]},
-              "search": {"rounds": found.rounds, "converged": found.converged}}
+    config = run_config(METHOD, spec, dataset_id, BlendOptions(step, objective, split),
+                        split=split, step=step, objective=objective, frame=win, weights=weights,
+                        validation={"blend": best, "single_models": single,
+                                    "tracks": [t.name for t in tracks]},
+                        search={"rounds": found.rounds, "converged": found.converged})
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
@@ -374,3 +375,47 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
                            "weights": [[table[k][t] for t in spec.targets] for k in spec.model_keys]})
         (run_dir / "weights.md").write_text(_markdown(spec, table, best, single, objective, split))
     return config
+
+
+# ---- the method ------------------------------------------------------------------------------
+METHOD = "blend"
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    step: float = option(0.05, "grid step on the weight simplex (must divide 1)")
+    objective: str = option("museval", "museval (median/median framewise SDR) or usdr (mean "
+                            "whole-track SDR)", choices=OBJECTIVES)
+    split: str = option("valid", "split the weights are searched on")
+
+
+class BlendMixer(Mixer):
+    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        check_inputs(self.spec, mixture, stems_by_key)
+        return apply_blend(self.config["weights"], stems_by_key,
+                           dict(zip(self.spec.model_keys, self.spec.model_sources)), self.spec.targets)
+
+    def matrix(self) -> np.ndarray:
+        """The blend as the [in, out] mixing matrix over the channel layout of a mixer."""
+        names_in, names_out = self.spec.input_names(), self.spec.output_names()
+        W = np.zeros((len(names_in), len(names_out)), dtype=np.float32)
+        for target, by_model in self.config["weights"].items():
+            for key, w in by_model.items():
+                model = self.spec.model_names[self.spec.model_keys.index(key)]
+                for c in ("L", "R"):
+                    W[names_in.index(f"{model}.{target}.{c}"), names_out.index(f"{target}.{c}")] = w
+        return W
+
+
+def _fit(r: FitRequest) -> dict:
+    o = r.options
+    return search_blend(r.store, r.dataset_id, r.models, step=o.step, objective=o.objective,
+                        split=o.split, run_dir=r.run_dir)
+
+
+RECORD = Method(
+    name=METHOD,
+    summary="Danna-Sep: per source, convex weights over the models, searched on a grid",
+    options=BlendOptions, fit=_fit,
+    load=lambda config, run_dir, **_: BlendMixer(config, run_dir),
+    reads=lambda o: [("search", o.split, "split")])

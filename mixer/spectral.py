@@ -44,6 +44,7 @@ Where ours differs:
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -53,8 +54,10 @@ import torch
 
 from core.chunking import overlap_add
 from core.errors import PipelineError
+from core.options import option
 from core.store import StemStore, write_json_atomic
 from mixer.blend import source_models
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec, check_inputs
 
 N_FFT, HOP = 2048, 1024          # MSST's and UVR's; the frame algebra below needs N_FFT == 2 HOP
@@ -263,11 +266,11 @@ def make_run(store: StemStore, dataset_id: str, models: list[str], method: str, 
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     source_models(spec)   # every target needs a model that outputs it
     info = store.dataset_info(dataset_id)
-    config = {"method": method, "dataset": dataset_id, "rate": int(info.get("sample_rate", 44100)),
-              "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": check_weights(method, weights, spec)}
+    given = check_weights(method, weights, spec)
+    options = (AverageOptions(None if given is None else tuple(given.values()))
+               if method in WEIGHTED else None)
+    config = run_config(method, spec, dataset_id, options, rate=int(info.get("sample_rate", 44100)),
+                        weights=given)
     if method in SPEC:
         config["stft"] = {"n_fft": N_FFT, "hop": HOP, "window": "hann"}
     if run_dir is not None:
@@ -278,3 +281,37 @@ def make_run(store: StemStore, dataset_id: str, models: list[str], method: str, 
 def apply_config(config: dict, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
     return SpectralEnsemble(config["method"], InputSpec.from_dict(config["inputs"]),
                             config.get("weights"))(mixture, stems_by_key)
+
+
+# ---- the methods -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AverageOptions:
+    weights: tuple[float, ...] | None = option(
+        None, "one weight per model, in -m order, e.g. 2,1,1 (default equal)")
+
+
+class SpectralMixer(Mixer):
+    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        return apply_config(self.config, mixture, stems_by_key)
+
+
+def _record(method: str, summary: str) -> Method:
+    def fit(r: FitRequest) -> dict:
+        weights = getattr(r.options, "weights", None)
+        return make_run(r.store, r.dataset_id, r.models, method, weights=weights, run_dir=r.run_dir)
+
+    return Method(name=method, summary=summary,
+                  options=AverageOptions if method in WEIGHTED else None, fit=fit,
+                  load=lambda config, run_dir, **_: SpectralMixer(config, run_dir))
+
+
+RECORDS = (
+    _record("avg-wave", "MSST's avg_wave (weighted) / UVR's Average: per sample"),
+    _record("median-wave", "MSST's median_wave: the median of the models, per sample"),
+    _record("min-wave", "MSST's min_wave: per sample, the value of smallest magnitude"),
+    _record("max-wave", "MSST's max_wave: per sample, the value of largest magnitude"),
+    _record("avg-spec", "MSST's avg_fft (weighted), per time-frequency bin"),
+    _record("median-spec", "MSST's median_fft: the (complex) median per time-frequency bin"),
+    _record("min-spec", "MSST's min_fft / UVR's Min Spec: per bin, the smallest magnitude"),
+    _record("max-spec", "MSST's max_fft / UVR's Max Spec: per bin, the largest magnitude"),
+)

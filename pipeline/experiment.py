@@ -16,11 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from core import options as opts
 from core.config import check_name
 from core.errors import PipelineError
-
-MIXERS = ("conv1x1", "mdx-mixer")   # trained by train-mixer; the rest: mixer.methods.METHODS
-MODEL_OPTIONS = ("shifts", "overlap", "segment", "niter", "residual", "wiener_win_len")
 
 
 def load_experiment(path: str | Path) -> dict:
@@ -44,20 +42,24 @@ def load_experiment(path: str | Path) -> dict:
     return validate(config, path)
 
 
-# [[systems]] keys: every system's, a learned mixer's (train_mixer's arguments); an ensemble
-# that trains nothing takes its options in mixer.methods.OPTIONS. `models_from` names a
-# selection file (`pipeline select-models`) instead of listing `models`.
+# [[systems]] keys: these, and the method's options (mixer.methods: each method's record; a
+# learned mixer's are train-mixer's). `models_from` names a selection file (`pipeline
+# select-models`) instead of listing `models`.
 COMMON_KEYS = ("name", "method", "models", "models_from")
-MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
-              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture",
-              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay", "jitter")
-# [[models]] keys; [[train]] keys: train_base's arguments ("model" / "train": its model_options /
-# train_options tables, "batch": batch_size)
-MODELS_KEYS = ("spec", "trained", "name", "repo") + MODEL_OPTIONS
+# [[models]] keys: these, and the base-model families' inference options; [[train]] keys:
+# train_base's arguments ("model" / "train": its model_options / train_options tables, "batch":
+# batch_size)
+MODELS_KEYS = ("spec", "trained", "name", "repo")
 TRAIN_KEYS = ("name", "family", "preset", "epochs", "lr", "seed", "select_split", "batch",
               "segment", "samples_per_epoch", "arch", "xumx_loss", "targets", "model", "train",
               "amp", "num_workers")
 EVALUATE_KEYS = ("split", "selection_split", "oracles", "full_metrics", "out")
+
+
+def model_options() -> tuple[str, ...]:
+    from separators.families import option_names
+
+    return tuple(sorted(option_names()))
 
 
 def _check_keys(path, what: str, table: dict, allowed) -> None:
@@ -125,7 +127,7 @@ def validate(config: dict, path) -> dict:
     trained = _validate_train(config.get("train", []), path)
     for m in config["models"]:
         what = f"[[models]] '{m.get('name') or m.get('spec') or m.get('trained')}'"
-        _check_keys(path, what, m, MODELS_KEYS)
+        _check_keys(path, what, m, MODELS_KEYS + model_options())
         if ("spec" in m) == ("trained" in m):
             raise PipelineError(f"{path}: every [[models]] needs either a 'spec' (pretrained name, "
                                 f"shipped name or path) or 'trained' (the name of a [[train]] stage)")
@@ -143,40 +145,45 @@ def validate(config: dict, path) -> dict:
                 t.get("select_split", "valid"), "select_split")
         _honest(path, evaluated, f"[[train]] '{name}' (training data)",
                 "fit" if t.get("select_split") == "select" else "train", "select_split")
-    from mixer.methods import OPTIONS
+    from mixer import methods
 
-    names, conv1x1 = set(), []
+    names = {}
     for s in config.get("systems", []):
-        if s.get("method") not in tuple(OPTIONS) + MIXERS:
+        if s.get("method") not in methods.names():
             raise PipelineError(f"{path}: system '{s.get('name')}' has method {s.get('method')!r}; "
-                                f"choose one of {', '.join(tuple(OPTIONS) + MIXERS)}")
+                                f"choose one of {', '.join(methods.names())}")
         if not s.get("name") or s["name"] in names:
             raise PipelineError(f"{path}: every [[systems]] needs a unique 'name'")
         check_name(s["name"], f"{path}: system name")
         if "models" in s and "models_from" in s:
             raise PipelineError(f"{path}: system '{s['name']}' has both 'models' and "
                                 f"'models_from'; give one")
-        method = s["method"]
-        allowed = COMMON_KEYS + (tuple(OPTIONS[method]) if method in OPTIONS else MIXER_KEYS)
-        _check_keys(path, f"system '{s['name']}' ({method})", s, allowed)
+        method = methods.get(s["method"])
         what = f"system '{s['name']}'"
-        if method in OPTIONS:
-            if "split" in OPTIONS[method]:   # blend, band-blend: the split their weights are searched on
-                _honest(path, evaluated, f"{what} ({method} search)",
-                        s.get("split", OPTIONS[method]["split"]), "split")
-        else:
-            select = s.get("select", "valid")
-            if select != "last":
-                _honest(path, evaluated, f"{what} (best epoch)", select, "select")
-            _honest(path, evaluated, f"{what} (training data)",
-                    "fit" if select == "select" else "train", "select")
-            if "base" in s and s["base"] not in conv1x1:
-                raise PipelineError(f"{path}: {what} has base = {s['base']!r}: name a conv1x1 "
-                                    f"system listed before it ({', '.join(conv1x1) or 'none'})")
-        if method == "conv1x1":
-            conv1x1.append(s["name"])
-        names.add(s["name"])
+        specs = opts.specs(method.options)
+        _check_keys(path, f"{what} ({method.name})", s,
+                    COMMON_KEYS + tuple(x.experiment_key for x in specs))
+        try:
+            options = methods.build_options(method, _options_of(s, specs), f"{path}: {what}")
+        except PipelineError as e:
+            raise PipelineError(str(e)) from None
+        for reading, split, key in method.reads(options):
+            _honest(path, evaluated, f"{what} ({method.name} {reading})", split, key)
+        for x in specs:   # an option naming another system's run: one listed before
+            if x.refers and x.experiment_key in s:
+                kind = x.refers.partition(":")[2]   # "run:conv1x1": a conv1x1 system's
+                fits = [n for n, m in names.items() if not kind or m == kind]
+                if s[x.experiment_key] not in fits:
+                    raise PipelineError(f"{path}: {what} has {x.experiment_key} = "
+                                        f"{s[x.experiment_key]!r}: name a {kind or 'system'}"
+                                        f"{' system' if kind else ''} listed before it "
+                                        f"({', '.join(fits) or 'none'})")
+        names[s["name"]] = method.name
     return config
+
+
+def _options_of(system: dict, specs) -> dict:
+    return {x.experiment_key: system[x.experiment_key] for x in specs if x.experiment_key in system}
 
 
 def _model_ref(ref: str, keys: dict[str, str]) -> str:
@@ -232,22 +239,18 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
 def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
                 progress: bool, log) -> dict[str, str]:
     """Cache every [[models]] entry on `splits` (None: all); {spec, name, trained name: key}."""
-    from cache.run import cache_model
-    from separators.registry import load_separator
+    from cache.run import cache_spec
 
     keys: dict[str, str] = {}
     for m in config["models"]:
-        options = {k: m[k] for k in MODEL_OPTIONS if k in m}
+        options = {k: m[k] for k in model_options() if k in m}
         spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
-        sep = load_separator(spec, device=device, offline=config.get("offline", True),
-                             repo=m.get("repo"), options=options)
-        spec = str(Path(spec).resolve()) if Path(spec).exists() else spec
-        s = cache_model(store, dataset, sep, splits=splits, progress=progress,
-                        load={"spec": spec, "repo": m.get("repo"), "options": options})
-        for ref in (m.get("spec"), m.get("trained"), m.get("name", sep.name)):
+        s = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
+                       repo=m.get("repo"), options=options, splits=splits, progress=progress)
+        for ref in (m.get("spec"), m.get("trained"), m.get("name", s["name"])):
             if ref:
                 keys[ref] = s["key"]
-        log(f"[cache] {sep.name}: {s['computed']} tracks separated, {s['skipped']} cached "
+        log(f"[cache] {s['name']}: {s['computed']} tracks separated, {s['skipped']} cached "
             f"({s['seconds']:.1f} s)")
     return keys
 
@@ -275,7 +278,6 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     from core.datasets import open_dataset_spec
     from core.store import StemStore
     from mixer import methods
-    from mixer.train import train_mixer
     from reports.evaluate import evaluate
 
     t_start = time.perf_counter()
@@ -310,22 +312,18 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
         run_dir = runs_dir(work) / f"{name}-{system['name']}"
         chosen = _system_models(system, keys, all_keys)
         t0 = time.perf_counter()
-        method = system["method"]
-        if method in methods.OPTIONS:
-            wanted = methods.with_defaults(method, system)
-            if methods.is_current(run_dir, chosen, method, wanted):
-                log(f"[{method}] {system['name']}: unchanged, kept {run_dir}")
-            else:
-                methods.build(store, dataset.id, chosen, method, run_dir, wanted, progress=progress)
-                log(f"[{method}] {system['name']}: built in {time.perf_counter() - t0:.1f} s")
-        else:
-            hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
-            if "base" in hyper:   # the conv1x1 system a residual MDX-Mixer starts from
-                hyper["base"] = runs_dir(work) / f"{name}-{hyper['base']}"
-            train_mixer(store, dataset.id, chosen, system["method"], run_dir,
-                        with_mixture=system.get("with_mixture", True), device=device,
-                        progress=progress, **hyper)
-            log(f"[train-mixer] {system['name']}: {time.perf_counter() - t0:.1f} s")
+        record = methods.get(system["method"])
+        specs = opts.specs(record.options)
+        given = {x.name: (runs_dir(work) / f"{name}-{system[x.experiment_key]}"
+                          if x.refers else system[x.experiment_key])
+                 for x in specs if x.experiment_key in system}
+        options = methods.build_options(record, given)
+        if not record.learned and methods.is_current(run_dir, chosen, record.name, options):
+            log(f"[{record.name}] {system['name']}: unchanged, kept {run_dir}")
+        else:   # a learned mixer resumes, or keeps a finished run with these options, itself
+            methods.fit(store, dataset.id, chosen, record.name, run_dir, given,
+                        progress=progress, device=device)
+            log(f"[{record.name}] {system['name']}: {time.perf_counter() - t0:.1f} s")
         runs.append((system["name"], run_dir))
 
     if after:   # everything is fitted: only now are the evaluation tracks separated

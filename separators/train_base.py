@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shlex
 import shutil
@@ -45,14 +44,13 @@ import torch
 
 from core.errors import PipelineError
 from core.store import StemStore, write_json_atomic
-from separators.families import TRAINABLE as FAMILIES
 from separators.families import canonical_family as family_of
 from separators.families import recipe
 from separators.families.card import CARD, model_card, synthetic_info, write_test_sdr
 from separators.families.common import versions
 from separators.train_data import Augment, FixedCrops, RandomMixes
 
-__all__ = ["FAMILIES", "PRESET_NAMES", "BaseTrainResult", "build", "evaluate_trained",
+__all__ = ["PRESET_NAMES", "BaseTrainResult", "build", "evaluate_trained",
            "family_of", "fit_and_select_splits", "resolve_config", "train_base", "write_test_sdr"]
 
 PRESET_NAMES = ("tiny", "small", "paper")
@@ -74,10 +72,10 @@ def resolve_config(family: str, preset: str, *, sample_rate: int, n_train_tracks
 
     family = family_of(family)
     fam = recipe(family)
-    if preset not in fam.PRESETS:
-        raise PipelineError(f"preset '{preset}': choose one of {', '.join(fam.PRESETS)}")
+    if preset not in fam.presets:
+        raise PipelineError(f"preset '{preset}': choose one of {', '.join(fam.presets)}")
     model = fam.resolve_model(preset, model_options)
-    train = merge_options(family, "train", {**_COMMON_TRAIN, **fam.PRESETS[preset]["train"]},
+    train = merge_options(family, "train", {**_COMMON_TRAIN, **fam.presets[preset]["train"]},
                           train_options)
     train["augment"] = Augment(**{**Augment().to_dict(), **dict(train["augment"])}).to_dict()
     train["augment"]["gain"] = list(train["augment"]["gain"])
@@ -319,7 +317,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
         torch.distributed.barrier()
 
     # data
-    with_rest = fam.WITH_REST
+    with_rest = fam.with_rest
     train_data = RandomMixes(store, dataset_id, targets=targets, segment=t["segment_samples"],
                              split=train_split, length=t["examples_per_epoch"], augment=Augment(
                                  **{**t["augment"], "gain": tuple(t["augment"]["gain"])}),

@@ -51,7 +51,7 @@ def cli_commands() -> list[tuple[str, ...]]:
     """Every command and subcommand `pipeline --help` lists, as argument paths."""
     import typer.main
 
-    from pipeline.cli import app
+    from pipeline.cli import build_app
 
     def walk(group, path):
         for name, cmd in sorted(group.commands.items()):
@@ -59,7 +59,7 @@ def cli_commands() -> list[tuple[str, ...]]:
             if getattr(cmd, "commands", None):
                 yield from walk(cmd, path + (name,))
 
-    return list(walk(typer.main.get_command(app), ()))
+    return list(walk(typer.main.get_command(build_app()), ()))
 
 
 def test_the_command_list_is_complete():

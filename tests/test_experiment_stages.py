@@ -100,7 +100,7 @@ def _config(tmp_path, text=EXPERIMENT, name="honest.toml"):
 def _spy(monkeypatch):
     """Record, in order, every read of a track's audio or stems from the store (method, track
     id) and the start and end of every fitting stage and of the evaluation."""
-    import mixer.methods
+    import mixer.blend
     import mixer.train
     import reports.evaluate
     import separators.train_base
@@ -130,7 +130,7 @@ def _spy(monkeypatch):
         monkeypatch.setattr(module, name, marked)
 
     mark(separators.train_base, "train_base")
-    mark(mixer.methods, "search_blend")   # the name the experiment's ensembles call
+    mark(mixer.blend, "search_blend")   # what the blend method's record calls
     mark(mixer.train, "train_mixer")
     mark(reports.evaluate, "evaluate")
     return events
@@ -258,7 +258,7 @@ def test_bad_train_and_models_tables(tmp_path):
         (EXPERIMENT.replace('step = 0.25\nsplit = "select"', 'step = 0.25\nsplit = "valid"'),
          "'blend' \\(blend search\\) would use the 'valid' split"),
         (EXPERIMENT.replace('select = "last"', 'select = "valid"'),
-         "'mdx' \\(best epoch\\) would use the 'valid' split"),
+         "'mdx' \\(mdx-mixer best epoch\\) would use the 'valid' split"),
         (EXPERIMENT.replace('base = "conv1x1"', 'base = "blend"'),
          "has base = 'blend': name a conv1x1 system listed before it \\(conv1x1\\)"),
         (EXPERIMENT.replace('selection_split = "select"', 'selection_split = "valid"'),

@@ -19,7 +19,8 @@ from mixer.inputs import (
     normalise,
 )
 from mixer.models import PRESETS, Conv1x1Mixer, MDXMixer, fold, unfold
-from mixer.train import MIXER, mixer_config, train_mixer
+from mixer.learned import MIXER
+from mixer.train import mixer_config, train_mixer
 
 SOURCES = ("drums", "bass", "other", "vocals")
 
@@ -118,8 +119,9 @@ def _identity_run(tmp_path, arch):
     """A run folder whose mixer outputs model 'm0''s stems unchanged (inputs 2.. -> outputs)."""
     spec = InputSpec(("m0",), ("m0",), (SOURCES,), SOURCES, True)
     T, F, N = PRESETS["tiny"].values()
-    config = mixer_config(spec, "toy", arch, T=T, F=F, N=N, p=0.0, epochs=1, batch=1, lr=0.0,
-                          shift=T, seed=0, max_segments_per_epoch=None)
+    hyper = {"T": T, "F": F, "N": N, "p": 0.0, "init": "average"}
+    config = mixer_config(spec, "toy", arch, hyper=hyper, epochs=1, batch=1, lr=0.0, shift=T,
+                          seed=0, max_segments_per_epoch=None)
     select = torch.zeros(spec.in_channels, spec.out_channels)
     select[2:, :] = torch.eye(8)
     if arch == "conv1x1":
@@ -172,10 +174,11 @@ def test_lazy_inputs_equal_the_assembled_array(tmp_path):
 
     # an untrained (random) MDX-Mixer through Mixer == overlap-add over the eager tensor
     from core.chunking import overlap_add
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
     T, F, N = PRESETS["tiny"].values()
-    config = mixer_config(spec, "toy", "mdx-mixer", T=T, F=F, N=N, p=0.0, epochs=1, batch=1,
-                          lr=0.0, shift=T, seed=0, max_segments_per_epoch=None, init="random")
+    config = mixer_config(spec, "toy", "mdx-mixer", hyper={"T": T, "F": F, "N": N, "p": 0.0,
+                                                           "init": "random"},
+                          epochs=1, batch=1, lr=0.0, shift=T, seed=0, max_segments_per_epoch=None)
     torch.manual_seed(0)
     module = MDXMixer(spec.in_channels, spec.out_channels, T=T, F=F, N=N).eval()
     run = tmp_path / "run"
@@ -184,7 +187,7 @@ def test_lazy_inputs_equal_the_assembled_array(tmp_path):
     with torch.no_grad():
         want = overlap_add(module, torch.from_numpy(eager), T, hop=T // 4, batch=3)
     want = (want * stats[1] + stats[0]).reshape(len(SOURCES), 2, n).numpy()
-    got = Mixer(run, batch=3)(mixture, stems)
+    got = load_mixer(run, batch=3)(mixture, stems)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.abs(got).max() > 0.01
 
@@ -456,7 +459,8 @@ def test_average_init_starts_from_the_uniform_average():
     x = torch.randn(3, spec.in_channels, 256)
     for arch in ("conv1x1", "mdx-mixer"):
         torch.manual_seed(0)
-        model = build_mixer(arch, spec.in_channels, spec.out_channels, T=256, F=16, N=1, p=0.0, start=A)
+        model = build_mixer(arch, spec.in_channels, spec.out_channels,
+                            {"T": 256, "F": 16, "N": 1, "p": 0.0}, start=A)
         torch.testing.assert_close(model.mixing_weights(x), A.expand(3, -1, -1))
         torch.testing.assert_close(model(x), torch.einsum("io,bit->bot", A, x))
 
@@ -465,7 +469,7 @@ def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_the
     """base = a conv1x1 run: W_k = W + ΔW_k with W the conv1x1's and ΔW_k = 0 before training;
     the training loss is L1 + penalty x mean(ΔW_k^2); a large penalty keeps ΔW_k near zero."""
     from core.errors import PipelineError
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
     from mixer.models import build_mixer
     from mixer.train import penalised
 
@@ -484,8 +488,8 @@ def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_the
 
     # untrained: exactly the conv1x1
     spec_in, spec_out = W.shape
-    model = build_mixer("mdx-mixer", spec_in, spec_out, T=1024, F=16, N=1, p=0.0, start=W,
-                        residual=True)
+    model = build_mixer("mdx-mixer", spec_in, spec_out,
+                        {"T": 1024, "F": 16, "N": 1, "p": 0.0, "residual": {"base": "conv"}}, start=W)
     x = torch.randn(3, spec_in, 1024)
     torch.testing.assert_close(model.mixing_weights(x), W.expand(3, -1, -1))
     # the penalised loss, by hand
@@ -502,7 +506,7 @@ def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_the
 
     def corrections(run):
         t = store.tracks("toy", "valid")[0]
-        mixer = Mixer(run)
+        mixer = load_mixer(run)
         Wk, _ = mixer.segment_weights(np.asarray(store.mixture("toy", t)),
                                       {k: store.stems(k, "toy", t) for k in models})
         base = mixer.module.base.detach().numpy()
@@ -531,7 +535,7 @@ def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_the
         train_mixer(store, "toy", list(models), "mdx-mixer", tmp_path / "x", base=free, **kw)
     with pytest.raises(PipelineError, match="other inputs"):
         train_mixer(store, "toy", ["m0"], "mdx-mixer", tmp_path / "x", base=conv, **kw)
-    with pytest.raises(PipelineError, match="only an mdx-mixer"):
+    with pytest.raises(PipelineError, match="arch conv1x1: unknown option.s. base"):
         train_mixer(store, "toy", list(models), "conv1x1", tmp_path / "x", base=conv, **kw)
 
 

@@ -43,8 +43,10 @@ import torch
 import yaml
 
 from core.errors import PipelineError
-from separators.base import Separator, pick_options
-from separators.families.common import cpu_state, merge_options, waveform_l1
+from core.options import option
+from separators.base import Separator
+from separators.families import Family, Request, pick
+from separators.families.common import Recipe, cpu_state, merge_options, waveform_l1
 from separators.weights import (
     cached_checksum,
     check_torch_file,
@@ -58,12 +60,12 @@ from separators.weights import (
 
 FAMILY = "demucs"
 
-# name -> (type, default, None allowed)
-OPTIONS = {
-    "shifts": (int, 1, False),       # demucs's default: one random shift (seeded, see below)
-    "overlap": (float, 0.25, False),  # apply_model's overlap between chunks
-    "segment": (float, None, True),   # chunk length in seconds; None: the model's own
-}
+@dataclass(frozen=True)
+class DemucsOptions:
+    shifts: int = option(1, "random shifts averaged (seeded: the same input gives the same stems)")
+    overlap: float = option(0.25, "overlap between chunks")
+    segment: float | None = option(None, "chunk length in seconds (none given: the model's own)")
+
 
 # apply_model draws the shift offsets from Python's global `random`; we seed it for every call so
 # that the same input always gives the same stems (the stem store relies on that), and restore
@@ -354,7 +356,7 @@ class DemucsSeparator(Separator):
 def load_demucs(name: str, *, repo: Path | None = None, offline: bool = False, device="cpu",
                 options: dict | None = None, label: str | None = None) -> DemucsSeparator:
     """A pretrained name or a model of a local repo -> DemucsSeparator on `device`."""
-    opts = pick_options(FAMILY, options, OPTIONS)
+    opts = pick(DemucsOptions, options, f"{FAMILY} options")
     weights = locate_demucs(name, repo, offline)
     for f in weights.files:   # demucs unpickles .th files fully: look at them first
         if f.suffix == ".th":
@@ -418,7 +420,6 @@ def export_model(model, folder: str | Path, sig: str, training_args: dict | None
 # Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "demucs"
-WITH_REST = False
 
 # small: HDemucs, 8 channels: 0.57 steps/s -> 15 x 30 steps ~ 13 min, + ~2 min validation.
 # lr 1e-3, not demucs's 3e-4 (meant for batch 32 and hundreds of epochs): on the synthetic set 15
@@ -536,3 +537,39 @@ def export(model, out: Path, config: dict, summary: dict) -> list[Path]:
 def describe(config: dict) -> tuple[str, str]:
     arch = config["model"].get("arch", "hdemucs").upper().replace("DEMUCS", "Demucs")
     return f"{arch} (hybrid waveform/spectrogram U-Net)", "L1 on waveforms"
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _is_model_folder(folder: Path) -> bool:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return (any(p.suffix == ".th" for p in files)
+            or any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"))
+
+
+def _load(r: Request) -> DemucsSeparator:
+    if r.path is None:          # a pretrained name, or a model of --repo
+        return load_demucs(r.spec, repo=r.repo, offline=r.offline, device=r.device,
+                           options=r.options, label=r.label)
+    if r.path.is_dir():
+        return load_demucs(r.member or pick_local_name(r.path), repo=r.path, offline=r.offline,
+                           device=r.device, options=r.options, label=r.label)
+    if r.path.suffix == ".yaml" and not is_bag_yaml(r.path):
+        raise PipelineError(f"{r.path}: not a demucs bag definition (YAML with a 'models' list of "
+                            f"signatures)")
+    name = sig_of(r.path.name) if r.path.suffix == ".th" else r.path.stem
+    return load_demucs(name, repo=r.path.parent, offline=r.offline, device=r.device,
+                       options=r.options, label=r.label)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="Demucs (htdemucs, htdemucs_ft, htdemucs_6s, hdemucs_mmi, mdx, mdx_extra, ..., bags "
+            "included): a name, a <sig>.th / <name>.yaml, a folder (DIR:NAME for one of several)",
+    load=_load, options=DemucsOptions, folder=_is_model_folder,
+    file=lambda path: path.suffix in (".th", ".yaml"),
+    knows=lambda name, repo: is_pretrained(name) or (repo is not None and local_has(repo, name)),
+    names=pretrained_names, members=True,
+    recipe=Recipe(TRAIN_NAME, ("hdemucs", "htdemucs"), PRESETS, resolve_model, check_training,
+                  prepare, build, export, describe))

@@ -46,8 +46,9 @@ import torch
 import yaml
 
 from core.errors import PipelineError
-from separators.base import Separator
-from separators.families.common import cpu_state, merge_options
+from separators.base import Separator, parse_query
+from separators.families import Family, Request
+from separators.families.common import Recipe, cpu_state, merge_options
 from separators.weights import (
     cached_checksum,
     combined_checksum,
@@ -320,7 +321,6 @@ def load_msst(config_path: Path, ckpt_path: Path, *, device="cpu", model_type: s
 # Training recipe: a RoFormer of our own (separators.train_base; interface in separators.families.common)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "roformer"
-WITH_REST = False
 ARCHS = ("bs_roformer", "mel_band_roformer")
 
 
@@ -478,3 +478,31 @@ def describe(config: dict) -> tuple[str, str]:
             f"{m['depth']}, {bands}; MSST's implementation)",
             f"L1 on waveforms + {m['multi_stft_resolution_loss_weight']:g} x multi-resolution "
             f"STFT L1 ({', '.join(map(str, m['multi_stft_resolutions_window_sizes']))})")
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _load(r: Request) -> MSSTSeparator:
+    if r.path is not None:      # a folder holding one config and one checkpoint
+        config, ckpt = folder_files(r.path)
+        return load_msst(config, ckpt, device=r.device, label=r.label)
+    base, params = parse_query(r.spec)
+    unknown = sorted(set(params) - {"model_type", "name"})
+    if unknown:
+        raise PipelineError(f"{r.spec}: unknown parameter(s) {', '.join(unknown)} "
+                            f"(known: model_type, name)")
+    config, ckpt = base.rsplit(":", 1)
+    return load_msst(Path(config).expanduser(), Path(ckpt).expanduser(), device=r.device,
+                     model_type=params.get("model_type"), label=params.get("name"))
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="Music-Source-Separation-Training (bs_roformer, mel_band_roformer, mdx23c, scnet, "
+            "htdemucs, apollo, ...): CONFIG.yaml:MODEL.ckpt[?model_type=..&name=..], or a folder "
+            "with one config .yaml and one .ckpt",
+    load=_load, owns=is_msst_spec, folder=lambda folder: folder_files(folder) is not None,
+    recipe=Recipe(TRAIN_NAME, ("bs_roformer", "bs-roformer", "mel_band_roformer",
+                               "mel-band-roformer"), PRESETS, resolve_model, check_training,
+                  prepare, build, export, describe))

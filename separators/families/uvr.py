@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from core.errors import PipelineError
-from separators.base import Separator
+from separators.base import Separator, parse_query
+from separators.families import Family, Request
 from separators.weights import (
     cached_checksum,
     combined_checksum,
@@ -180,3 +181,15 @@ def load_mdx_onnx(path: Path, params: dict, *, device="cpu") -> MDXNetSeparator:
                           overlap=float(params.get("overlap", 0.25)),
                           hop_length=int(params.get("hop_length", 1024)))
     return sep.to(device)
+
+
+def _load(r: Request) -> MDXNetSeparator:
+    path, params = parse_query(r.spec)
+    return load_mdx_onnx(Path(path).expanduser(), params, device=r.device)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="UVR MDX-Net: a .onnx file (optionally ?dim_f=..&dim_t=..&n_fft=..&compensate=..&"
+            "primary_stem=..&overlap=..; else UVR's / audio-separator's model data)",
+    load=_load, owns=lambda spec: Path(spec.partition("?")[0]).suffix.lower() == ".onnx")
