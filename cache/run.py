@@ -162,23 +162,31 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
 def cache_spec(store: StemStore, dataset: Dataset, spec: str, *, device="cpu",
                offline: bool = False, repo: str | Path | None = None, options: dict | None = None,
                splits=None, shard=(0, 1), force: bool = False, progress: bool = True,
-               expect_key: str | None = None) -> dict:
+               expect_key: str | None = None) -> list[dict]:
     """Load the base model `spec` (separators.registry) and cache its stems for `dataset`: what
-    `pipeline cache -m SPEC`, an experiment's [[models]] and `pipeline separate` all do.
+    `pipeline cache -m SPEC`, an experiment's [[models]] and `pipeline separate` all do. Under
+    test-time augmentation with `tta_members` it becomes several models (separators.tta), each
+    cached as its own. Returns cache_model's summary per model.
 
-    How it was loaded (spec, repo, options) goes into model.json, so that it can be loaded again
-    for new audio; expect_key: the store key it must have (a model loaded again must be the one
-    cached before: same weights, same options). Returns cache_model's summary.
+    How each was loaded (spec, repo, options) goes into its model.json, so that it can be loaded
+    again for new audio; expect_key: the store key it must have (a model loaded again must be
+    the one cached before: same weights, same options).
     """
     from separators.registry import load_separator
+    from separators.tta import split_options, with_tta
 
-    sep = load_separator(spec, device=device, offline=offline, repo=repo, options=options)
-    key = model_key(sep.identity())
-    if expect_key is not None and key != expect_key:
-        raise PipelineError(f"'{spec}' now loads a different model ({key}: its weights or options "
-                            f"changed since it was cached as {expect_key})")
-    # An existing path is kept absolute so the model can be loaded again from any folder.
-    load = {"spec": str(Path(spec).resolve()) if Path(spec).exists() else spec,
-            "repo": str(Path(repo).resolve()) if repo else None, "options": dict(options or {})}
-    return cache_model(store, dataset, sep, shard=shard, force=force, splits=splits,
-                       progress=progress, load=load)
+    own, tta = split_options(options)
+    base = load_separator(spec, device=device, offline=offline, repo=repo, options=own)
+    summaries = []
+    for sep, recorded in with_tta(base, tta):
+        key = model_key(sep.identity())
+        if expect_key is not None and key != expect_key:
+            raise PipelineError(f"'{spec}' now loads a different model ({key}: its weights or "
+                                f"options changed since it was cached as {expect_key})")
+        # An existing path is kept absolute so the model can be loaded again from any folder.
+        load = {"spec": str(Path(spec).resolve()) if Path(spec).exists() else spec,
+                "repo": str(Path(repo).resolve()) if repo else None,
+                "options": {**{k: v for k, v in own.items() if v is not None}, **recorded}}
+        summaries.append(cache_model(store, dataset, sep, shard=shard, force=force,
+                                     splits=splits, progress=progress, load=load))
+    return summaries

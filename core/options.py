@@ -153,6 +153,19 @@ def as_dict(options) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}
 
 
+def combine(name: str, *classes: type | None) -> type:
+    """One options dataclass holding the fields of `classes` (None skipped), in order."""
+    fields = []
+    for cls in classes:
+        if cls is None:
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            fields.append((f.name, hints[f.name],
+                           dataclasses.field(default=f.default, metadata=f.metadata)))
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
 def union(owners: Iterable[tuple[str, type]]) -> list[tuple[Spec, dict[str, Any]]]:
     """The options of several records as one list (a command line offering all of them): each
     option once, first declaration first, with {owner: its default} of every record having it.

@@ -49,7 +49,8 @@ from mixer.blend import (
 )
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec
-from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
+from mixer.spectral import blockwise
+from mixer.stft import HOP, N_FFT, istft_frames, stft_frames
 
 METHOD = "band-blend"
 SCALES = ("mel", "octave")
@@ -343,7 +344,7 @@ class BandBlendOptions(BlendOptions):
 
 
 class BandBlendMixer(Mixer):
-    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         return apply_config(self.config, mixture, stems_by_key)
 
 

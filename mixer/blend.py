@@ -390,7 +390,7 @@ class BlendOptions:
 
 
 class BlendMixer(Mixer):
-    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         check_inputs(self.spec, mixture, stems_by_key)
         return apply_blend(self.config["weights"], stems_by_key,
                            dict(zip(self.spec.model_keys, self.spec.model_sources)), self.spec.targets)

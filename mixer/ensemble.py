@@ -33,7 +33,8 @@ class FitRequest:
 
 class Mixer:
     """A run folder, loaded: maps a track's mixture [2, n] and each model's stems {key: [S_m, 2, n]}
-    to estimates [S, 2, n] float32 of `spec.targets`. Reusable across tracks."""
+    to estimates [S, 2, n] float32 of `spec.targets` (the method's `estimate`, then projected
+    onto the mixture when the run asks for mixture consistency). Reusable across tracks."""
 
     time_varying = False          # weights that change along the track (segment_weights)
 
@@ -42,8 +43,14 @@ class Mixer:
         self.run_dir = run_dir
         self.method = config["method"]
         self.spec = InputSpec.from_dict(config["inputs"])
+        self.consistency = config.get("consistency", "none")   # mixer.consistency.MODES
 
     def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        from mixer.consistency import project
+
+        return project(self.estimate(mixture, stems_by_key), mixture, self.consistency)
+
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
     def matrix(self) -> np.ndarray | None:

@@ -74,7 +74,7 @@ class LearnedMixer(Mixer):
         with torch.autocast(self.device.type, dtype=self.low, enabled=self.low is not None):
             return fn(chunks.to(self.device)).float().to(chunks.device)
 
-    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         x, stats = self.normalised_inputs(mixture, stems_by_key)
         y = overlap_add(lambda c: self._run(c, self.module), x, self.segment,
                         hop=self.segment // 4, batch=self.batch)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -59,40 +58,12 @@ from core.store import StemStore, write_json_atomic
 from mixer.blend import source_models
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec, check_inputs
+from mixer.stft import BLOCK, HOP, N_FFT, istft_frames, stft_frames
 
-N_FFT, HOP = 2048, 1024          # MSST's and UVR's; the frame algebra below needs N_FFT == 2 HOP
-BLOCK = 1 << 19                  # most samples per block (~12 s at 44.1 kHz)
 WAVE = ("avg-wave", "median-wave", "min-wave", "max-wave")
 SPEC = ("avg-spec", "median-spec", "min-spec", "max-spec")
 METHODS = WAVE + SPEC
 WEIGHTED = ("avg-wave", "avg-spec")
-
-
-# ---- the STFT on the whole track's frame grid ------------------------------------------------
-@lru_cache(maxsize=4)
-def window(device: str = "cpu") -> torch.Tensor:
-    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=device)
-
-
-def stft_frames(x: torch.Tensor) -> torch.Tensor:
-    """x [..., HOP + L + HOP] (L a multiple of HOP) -> X [..., L/HOP + 1, N_FFT/2 + 1]: the
-    frames centred at samples 0, HOP, ..., L of the middle part (the context feeds the first and
-    last frames). Frames by bins, not bins by frames as torch.stft lays them out: rfft writes
-    this layout contiguously, and the elementwise ensembles run ~15-25 % faster on it."""
-    return torch.fft.rfft(x.unfold(-1, N_FFT, HOP) * window(str(x.device)), dim=-1)
-
-
-def istft_frames(z: torch.Tensor) -> torch.Tensor:
-    """The inverse of `stft_frames` for its middle L samples: [..., L/HOP + 1, F] -> [..., L].
-
-    Sample j*HOP + i lies under the second half of frame j and the first half of frame j + 1,
-    so the overlap-add is two slices, divided by the summed squared windows (librosa.istft).
-    """
-    w = window(str(z.device))
-    frames = torch.fft.irfft(z, n=N_FFT, dim=-1) * w                    # [..., K + 1, N_FFT]
-    out = frames[..., :-1, HOP:] + frames[..., 1:, :HOP]                 # [..., K, HOP]
-    out /= w[HOP:] ** 2 + w[:HOP] ** 2
-    return out.reshape(*out.shape[:-2], -1)
 
 
 # ---- the ensembles ---------------------------------------------------------------------------
@@ -291,7 +262,7 @@ class AverageOptions:
 
 
 class SpectralMixer(Mixer):
-    def __call__(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
         return apply_config(self.config, mixture, stems_by_key)
 
 

@@ -12,11 +12,9 @@ config.json and mixer.pt.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
-import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from torch.utils.data import Dataset
 
 from core.chunking import segment_offsets
 from core.errors import PipelineError
-from core.options import as_dict, build, option
+from core.options import as_dict, build, combine, option
 from core.splits import fit_split
 from core.store import StemStore, read_json, sha256_file, write_json_atomic
 from core.training import (
@@ -38,6 +36,7 @@ from core.training import (
     save_atomic,
     train,
 )
+from mixer.consistency import ConsistencyOptions, check, project_segments
 from mixer.ensemble import FitRequest, Method
 from mixer.inputs import (
     InputSpec,
@@ -88,17 +87,10 @@ class TrainingOptions:
 
 @functools.lru_cache(maxsize=None)
 def options_class(arch: Arch) -> type:
-    """TrainingOptions followed by the architecture's own options, as one dataclass."""
-    fields = []
-    for cls in (TrainingOptions, arch.options):
-        if cls is None:
-            continue
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            fields.append((f.name, hints[f.name],
-                           dataclasses.field(default=f.default, metadata=f.metadata)))
+    """TrainingOptions, mixture consistency (which training goes through), then the
+    architecture's own options, as one dataclass."""
     name = "".join(p.capitalize() for p in arch.name.replace("_", "-").split("-")) + "Options"
-    return dataclasses.make_dataclass(name, fields, frozen=True)
+    return combine(name, TrainingOptions, ConsistencyOptions, arch.options)
 
 
 def reads(options) -> list[tuple[str, str, str]]:
@@ -181,7 +173,7 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, hyper: dict, ep
                  batch: int, lr: float, shift: int, seed: int,
                  max_segments_per_epoch: int | None, rate: int = 44100, select: str = "valid",
                  lr_schedule: str = "constant", weight_decay: float = 0.0,
-                 jitter: bool = False) -> dict:
+                 jitter: bool = False, consistency: dict | None = None) -> dict:
     """Everything needed to rebuild, retrain or apply the mixer.
 
     Options added later are recorded only when they differ from their defaults, so the runs made
@@ -204,6 +196,8 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, hyper: dict, ep
         config["training"]["weight_decay"] = weight_decay
     if jitter:
         config["training"]["jitter"] = True
+    if consistency:   # mixer.consistency.check's finding; the mode applies and trains
+        config["consistency"], config["consistency_check"] = consistency["mode"], consistency
     return config
 
 
@@ -254,6 +248,21 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
                             f"over with `train-mixer --fresh` (or remove the folder)")
 
 
+def project_outputs(model: torch.nn.Module, mode: str, n_sources: int) -> None:
+    """Train through mixture consistency: the module's outputs [B, 2S, T] projected onto its
+    mixture inputs (channels 0-1) by a forward hook (not part of its state, so mixer.pt is the
+    plain module; applying a run projects the whole track, mixer.ensemble.Mixer). In the
+    normalised domain the sources then sum to the mixture up to (S - 1) x mean / std, the
+    mixture's mean being ~0 for audio."""
+    def hook(module, inputs, out):
+        x = inputs[0]
+        B, _, T = out.shape
+        y = project_segments(out.float().reshape(B, n_sources, 2, T), x[:, :2].float(), mode)
+        return y.reshape(B, 2 * n_sources, T).to(out.dtype)
+
+    model.register_forward_hook(hook)
+
+
 def l1_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.l1_loss(outputs, targets)
 
@@ -299,6 +308,13 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     run_dir = Path(run_dir)
 
     spec = InputSpec.from_store(store, dataset_id, model_keys, with_mixture=o.with_mixture)
+    consistent = None
+    if o.consistency != "none":
+        if not o.with_mixture:
+            raise PipelineError(f"consistency {o.consistency}: training projects the outputs "
+                                f"onto the mixture, so the mixture must be among the inputs "
+                                f"(drop --without-mixture)")
+        consistent = check(store, dataset_id, o.consistency, fit_split(o.select))
     hyper = record.hyper(T, o, o.init)
     base, penalty = getattr(o, "base", None), getattr(o, "penalty", 0.0)
     base_weight = None
@@ -311,7 +327,8 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                           select=o.select, lr_schedule=o.lr_schedule,
                           weight_decay=o.weight_decay, jitter=o.jitter, lr=o.lr, shift=o.shift,
                           seed=o.seed, max_segments_per_epoch=o.max_segments_per_epoch,
-                          rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)))
+                          rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)),
+                          consistency=consistent)
     writer = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 writes
     if resume and (run_dir / "config.json").exists():
         _check_resumable(run_dir, config)
@@ -330,6 +347,8 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
     if base_weight is not None:
         with torch.no_grad():
             model.base.copy_(base_weight)
+    if consistent:
+        project_outputs(model, o.consistency, len(spec.targets))
     train_set = SegmentDataset(store, dataset_id, spec, fit_split(o.select), T, o.shift, o.jitter)
     valid_set = None if o.select == "last" else SegmentDataset(store, dataset_id, spec, o.select, T, T)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together

@@ -47,8 +47,9 @@ class Ensemble:
     """A trained ensemble: a run folder (or a run name under <work>/runs) of any method."""
 
     def __init__(self, run: str | Path, *, work: str | Path | None = None, device: str = "cpu",
-                 offline: bool = True, log=lambda line: None):
-        self._run = EnsembleRun(run, work_dir(work), device=device, offline=offline, log=log)
+                 offline: bool = True, consistency: str | None = None, log=lambda line: None):
+        self._run = EnsembleRun(run, work_dir(work), device=device, offline=offline,
+                                consistency=consistency, log=log)
 
     @property
     def method(self) -> str:

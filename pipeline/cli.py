@@ -227,11 +227,12 @@ def separate_cmd(
     device: Optional[str] = DeviceOpt,
     offline: bool = typer.Option(False, "--offline", help="Never download; fail fast on missing weights."),
     fmt: str = typer.Option("wav", "--format", help="wav (32-bit float) or flac (24-bit)."),
+    consistency: Optional[str] = typer.Option(None, help="Project the estimates onto the mixture: none, equal or energy (default: as the run was fitted)."),
     work: Optional[Path] = WorkOpt,
 ):
     """Separate new songs with a trained ensemble; base models run through the stem cache."""
     stages.separate(files, ensemble, out, force=force, device=device, offline=offline, fmt=fmt,
-                    work=work, log=_log)
+                    consistency=consistency, work=work, log=_log)
 
 
 def train_base_cmd(
@@ -380,7 +381,7 @@ def build_app() -> typer.Typer:
     """The command line, with the options of every registered method, mixer and family."""
     from mixer import methods
     from mixer.models import ARCHS
-    from separators.families import FAMILIES
+    from separators.families import FAMILIES, common_options
 
     app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
                       help="Ensemble music source separators: cache base models' stems, blend / "
@@ -391,7 +392,7 @@ def build_app() -> typer.Typer:
                             help="Run base separators once over a dataset and keep their stems in "
                                  "the stem store ([bold]ls[/], [bold]verify[/], [bold]import[/] "
                                  "manage it)." + _listing(FAMILIES.records(), "Families"))
-    families = [(f.name, f.options) for f in FAMILIES.records()]
+    families = [(f.name, f.options) for f in FAMILIES.records()] + [("every family", common_options())]
     cache_app.callback()(with_record_options(cache, record_options(families)))
     cache_app.command("import")(cache_import)
     cache_app.command("ls")(cache_ls)

@@ -131,6 +131,12 @@ def validate(config: dict, path) -> dict:
         if ("spec" in m) == ("trained" in m):
             raise PipelineError(f"{path}: every [[models]] needs either a 'spec' (pretrained name, "
                                 f"shipped name or path) or 'trained' (the name of a [[train]] stage)")
+        try:
+            from separators.tta import check
+
+            check({k: m[k] for k in model_options() if k in m})
+        except PipelineError as e:
+            raise PipelineError(f"{path}: {what}: {e}") from None
         if "trained" in m and m["trained"] not in trained:
             raise PipelineError(f"{path}: {what} refers to trained = {m['trained']!r}, which is "
                                 f"not a [[train]] stage ({', '.join(trained) or 'none declared'})")
@@ -186,14 +192,14 @@ def _options_of(system: dict, specs) -> dict:
     return {x.experiment_key: system[x.experiment_key] for x in specs if x.experiment_key in system}
 
 
-def _model_ref(ref: str, keys: dict[str, str]) -> str:
+def _model_ref(ref: str, keys: dict[str, list[str]]) -> list[str]:
     if ref not in keys:
         raise PipelineError(f"system refers to model '{ref}', which is not among the experiment's "
                             f"models ({', '.join(keys)})")
     return keys[ref]
 
 
-def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> list[str]:
+def _system_models(system: dict, keys: dict[str, list[str]], all_keys: list[str]) -> list[str]:
     """The store keys of a system's models: `models`, a `models_from` selection file, or all."""
     if "models_from" in system:
         from mixer.select import read_selection
@@ -204,7 +210,7 @@ def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> l
                 raise PipelineError(f"{system['models_from']}: chose model {key}, which is not "
                                     f"among the experiment's models ({', '.join(all_keys)})")
         return chosen
-    return [_model_ref(r, keys) for r in system.get("models", [])] or all_keys
+    return [k for r in system.get("models", []) for k in _model_ref(r, keys)] or all_keys
 
 
 def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: str,
@@ -237,21 +243,24 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
 
 
 def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
-                progress: bool, log) -> dict[str, str]:
-    """Cache every [[models]] entry on `splits` (None: all); {spec, name, trained name: key}."""
+                progress: bool, log) -> dict[str, list[str]]:
+    """Cache every [[models]] entry on `splits` (None: all); {its spec, name or trained name,
+    and each model's own name: the store keys} (an entry under `tta_members` is several models)."""
     from cache.run import cache_spec
 
-    keys: dict[str, str] = {}
+    keys: dict[str, list[str]] = {}
     for m in config["models"]:
         options = {k: m[k] for k in model_options() if k in m}
         spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
-        s = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
-                       repo=m.get("repo"), options=options, splits=splits, progress=progress)
-        for ref in (m.get("spec"), m.get("trained"), m.get("name", s["name"])):
+        cached = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
+                            repo=m.get("repo"), options=options, splits=splits, progress=progress)
+        for ref in (m.get("spec"), m.get("trained"), m.get("name")):
             if ref:
-                keys[ref] = s["key"]
-        log(f"[cache] {s['name']}: {s['computed']} tracks separated, {s['skipped']} cached "
-            f"({s['seconds']:.1f} s)")
+                keys[ref] = [s["key"] for s in cached]
+        for s in cached:
+            keys.setdefault(s["name"], [s["key"]])
+            log(f"[cache] {s['name']}: {s['computed']} tracks separated, {s['skipped']} cached "
+                f"({s['seconds']:.1f} s)")
     return keys
 
 
@@ -305,7 +314,8 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     before, after = _cache_phases(config, split)
     keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
                        progress=progress, log=log)
-    all_keys = list(dict.fromkeys(keys[m.get("spec") or m["trained"]] for m in config["models"]))
+    all_keys = list(dict.fromkeys(k for m in config["models"]
+                                  for k in keys[m.get("spec") or m["trained"]]))
 
     runs = []
     for system in config.get("systems", []):

@@ -270,9 +270,9 @@ def cache_run_models(store: StemStore, dataset, model_keys: Sequence[str], *, de
         log(f"  {name}: separating {len(missing)} new file(s) "
             f"({_duration(sum(t.duration for t in missing))} of audio) ...")
         try:
-            s = cache_spec(store, dataset, load["spec"], device=device, offline=offline,
-                           repo=load.get("repo"), options=load.get("options") or {},
-                           progress=False, expect_key=key)
+            s, = cache_spec(store, dataset, load["spec"], device=device, offline=offline,
+                            repo=load.get("repo"), options=load.get("options") or {},
+                            progress=False, expect_key=key)
         except PipelineError as e:
             raise PipelineError(f"model '{name}' [{key}] (cached from '{load['spec']}'): cannot "
                                 f"load it again: {e}") from None
@@ -301,7 +301,7 @@ class EnsembleRun:
     through the base models' stem cache and the run's mixer."""
 
     def __init__(self, run: str | Path, work: Path, *, device="cpu", offline: bool = False,
-                 log: Callable[[str], None] = print):
+                 consistency: str | None = None, log: Callable[[str], None] = print):
         from core.config import find_run, store_dir
         from mixer.methods import load_config
 
@@ -316,6 +316,14 @@ class EnsembleRun:
                 check_loadable(self.store, key)
         self.rate = run_rate(self.config, self.store, self.run_dir)
         self.device, self.offline, self.log = device, offline, log
+        self.consistency = consistency
+        if consistency not in (None, "none"):   # the run's dataset tells whether it makes sense
+            from mixer.consistency import check
+
+            found = check(self.store, self.config["dataset"], consistency)
+            log(f"consistency {consistency}: the estimates are projected onto each mixture (the "
+                f"sources of {self.config['dataset']} sum to its mixture within "
+                f"{found['sources_vs_mixture_db']} dB)")
         self._mixer = None
 
     @property
@@ -323,7 +331,8 @@ class EnsembleRun:
         from mixer.methods import load_mixer
 
         if self._mixer is None:
-            self._mixer = load_mixer(self.run_dir, device=self.device)
+            self._mixer = load_mixer(self.run_dir, device=self.device,
+                                     consistency=self.consistency)
         return self._mixer
 
     def separate(self, inputs: Sequence[InputFile]):
@@ -354,7 +363,8 @@ class EnsembleRun:
 
 def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path, *,
                    work: Path, force: bool = False, device="cpu", offline: bool = False,
-                   fmt: str = "wav", log: Callable[[str], None] = print) -> dict:
+                   fmt: str = "wav", consistency: str | None = None,
+                   log: Callable[[str], None] = print) -> dict:
     """Separate audio files with a run; write out/<file stem>/<target>.<fmt>. Returns a summary."""
     t_start = time.perf_counter()
     fmt = fmt.lower().lstrip(".")
@@ -365,7 +375,8 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise fail(out, "exists and is not a folder")
-    ensemble = EnsembleRun(run, work, device=device, offline=offline, log=log)
+    ensemble = EnsembleRun(run, work, device=device, offline=offline, consistency=consistency,
+                           log=log)
     targets = ensemble.targets
 
     inputs = [probe_input(f) for f in files]

@@ -77,21 +77,24 @@ def cache(dataset: str, models: Sequence[str] = (), *, splits: Sequence[str] = (
 
     if dataset is None:
         raise PipelineError("pipeline cache: --dataset is required (a folder, or 'synthetic')")
+    from separators.tta import check
+
+    options = {k: v for k, v in model_options.items() if v is not None}
+    check(options)   # before anything is read or written
     w = work_dir(work)
     store = StemStore(store_dir(w))
     ds = open_dataset_spec(dataset, w)
     shard_ = parse_shard(shard)
     n = ingest_dataset(store, ds, shard=shard_, force=force, progress=progress)
     log(f"{ds.id}: {len(ds)} tracks in the store ({n} written now)")
-    options = {k: v for k, v in model_options.items() if v is not None}
     summaries = []
     for spec in models:
-        s = cache_spec(store, ds, spec, device=device or default_device(), offline=offline,
-                       repo=repo, options=options, splits=list(splits) or None, shard=shard_,
-                       force=force, progress=progress)
-        log(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, {s['skipped']} already "
-            f"cached, {s['seconds']:.1f} s ({s['realtime']:.2f}x real time)")
-        summaries.append(s)
+        for s in cache_spec(store, ds, spec, device=device or default_device(), offline=offline,
+                            repo=repo, options=options, splits=list(splits) or None,
+                            shard=shard_, force=force, progress=progress):
+            log(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, {s['skipped']} "
+                f"already cached, {s['seconds']:.1f} s ({s['realtime']:.2f}x real time)")
+            summaries.append(s)
     return {"dataset": ds.id, "ingested": n, "models": summaries}
 
 
@@ -293,12 +296,15 @@ def report(target: str, *, tracks: Iterable[str] = (), systems: Iterable[str] = 
 # ---- applying an ensemble, whole experiments ---------------------------------------------------
 def separate(files: Sequence[str | Path], ensemble: str | Path, out: str | Path, *,
              force: bool = False, device: str | None = None, offline: bool = False,
-             fmt: str = "wav", work: str | Path | None = None, log: Log = _quiet) -> dict:
-    """Separate audio files with a trained ensemble: OUT/<file stem>/<target>.<fmt>."""
+             fmt: str = "wav", consistency: str | None = None, work: str | Path | None = None,
+             log: Log = _quiet) -> dict:
+    """Separate audio files with a trained ensemble: OUT/<file stem>/<target>.<fmt>;
+    consistency: another projection onto the mixture than the run's (mixer.consistency)."""
     from pipeline.separate import separate_files
 
     return separate_files(files, ensemble, out, work=work_dir(work), force=force,
-                          device=device or default_device(), offline=offline, fmt=fmt, log=log)
+                          device=device or default_device(), offline=offline, fmt=fmt,
+                          consistency=consistency, log=log)
 
 
 def run(config: str | Path, *, device: str | None = None, work: str | Path | None = None,

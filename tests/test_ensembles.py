@@ -14,12 +14,13 @@ from test_mixer import SOURCES, make_store
 
 from core.errors import PipelineError
 from core.metrics import framewise_sdr, median_over_tracks, track_median
-from mixer.methods import load_mixer
 from mixer.bandblend import band_edges, search_band_blend
 from mixer.blend import apply_blend, search_blend
 from mixer.inputs import InputSpec
+from mixer.methods import load_mixer
 from mixer.select import select_models
-from mixer.spectral import HOP, METHODS, N_FFT, SpectralEnsemble, make_run
+from mixer.spectral import METHODS, SpectralEnsemble, make_run
+from mixer.stft import HOP, N_FFT
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -368,7 +369,7 @@ def test_cli_experiment_and_separate(tmp_path, capsys):
     bad.write_text(EXPERIMENT.format(ds=ds, a=a, b=b, selection=selection).replace(
         'method = "median-spec"', 'method = "median-spec"\nstep = 0.1'))
     code, _, err = run_cli(["run", bad, "--work", work], capsys)
-    assert code == 1 and "unknown key(s) step; allowed: name, method, models, models_from\n" in err
+    assert code == 1 and "unknown key(s) step; allowed: name, method, models, models_from, consistency\n" in err
 
     # separate applies a spectral run: the max-spec of the two models' stems of the new file
     song = tmp_path / "song.wav"

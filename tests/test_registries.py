@@ -66,7 +66,7 @@ class GainOptions:
 
 
 class GainMixer(Mixer):
-    def __call__(self, mixture, stems_by_key):
+    def estimate(self, mixture, stems_by_key):
         key = self.spec.model_keys[0]
         return (self.config["options"]["gain"] * np.asarray(stems_by_key[key], np.float32))
 
@@ -168,7 +168,7 @@ selection_split = "valid"
     summary = (work / "reports" / "toys" / "summary.md").read_text()
     assert "| gain |" in summary and "| scale |" in summary
     gain = json.loads((work / "runs" / "toys-gain" / "config.json").read_text())
-    assert gain["method"] == "toy-gain" and gain["options"] == {"gain": 0.25}
+    assert gain["method"] == "toy-gain" and gain["options"] == {"gain": 0.25, "consistency": "none"}
     scale = json.loads((work / "runs" / "toys-scale" / "config.json").read_text())
     assert scale["method"] == "toy-scale" and scale["hyper"]["scale_init"] == 0.8
 

@@ -60,9 +60,17 @@ BUILTIN = tuple(f"separators.families.{m}" for m in ("umx", "msst", "demucs", "x
 FAMILIES: Registry[Family] = Registry("base-model family", BUILTIN, group="stem_ensemble.families")
 
 
+def common_options() -> type:
+    """The inference options every family takes (separators.tta)."""
+    from separators.tta import TTAOptions
+
+    return TTAOptions
+
+
 def option_names() -> set[str]:
-    """Every inference option some family understands."""
-    return {s.name for f in FAMILIES.records() for s in opts.specs(f.options)}
+    """Every inference option some family understands, and those every family does."""
+    return ({s.name for f in FAMILIES.records() for s in opts.specs(f.options)}
+            | {s.name for s in opts.specs(common_options())})
 
 
 def pick(options_class: type | None, options: dict | None, where: str) -> dict:
