@@ -23,7 +23,10 @@ phase" of both MSST's lambda_min/absmax and UVR's np.where(|a| >= |b|, a, b)).
 
 STFT (MSST's and UVR's): librosa.stft(n_fft=2048, hop_length=1024) per channel: periodic Hann,
 frames centred on multiples of the hop with zeros beyond the ends; the inverse is librosa.istft:
-Hann synthesis window, overlap-add, divided by the summed squared windows.
+Hann synthesis window, overlap-add, divided by the summed squared windows. The spectra that
+median/min/max decide on are computed as librosa computes them for float32 audio (float64
+window and FFT, stored as complex64), so every bin picks the model MSST picks; a float32 FFT
+rounds differently and flips near-ties, which music has plenty of (`stft_frames_as_librosa`).
 
 Where ours differs:
 * Weights count for the averages only. MSST silently ignores `--weights` for median/min/max; we
@@ -77,6 +80,27 @@ def stft_frames(x: torch.Tensor) -> torch.Tensor:
     last frames). Frames by bins, not bins by frames as torch.stft lays them out: rfft writes
     this layout contiguously, and the elementwise ensembles run ~15-25 % faster on it."""
     return torch.fft.rfft(x.unfold(-1, N_FFT, HOP) * window(str(x.device)), dim=-1)
+
+
+@lru_cache(maxsize=4)
+def window64(device: str = "cpu") -> torch.Tensor:
+    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=device)
+
+
+def stft_frames_as_librosa(x: torch.Tensor) -> torch.Tensor:
+    """`stft_frames` computed as librosa.stft computes it for float32 audio, which is what MSST's
+    and UVR's median/min/max decide on: frames times a float64 window, the FFT in float64, the
+    result stored as complex64. A float32 FFT rounds differently (~1e-7 of a frame's peak), enough
+    to flip near-ties: on MUSDB18-7 music thousands of bins per 7 s track picked another model
+    than MSST (mostly quiet ones, the largest moving the output by 4.5e-4 of its peak); rounded
+    from float64, none did (tests/test_ensembles.py, against msst's own average_waveforms)."""
+    w = window64(str(x.device))
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0], (x.shape[-1] - N_FFT) // HOP + 1, N_FFT // 2 + 1,
+                      dtype=torch.complex64, device=x.device)
+    for i, row in enumerate(rows):   # a row at a time: its float64 frames stay in cache (2x faster)
+        out[i] = torch.fft.rfft(row.to(torch.float64).unfold(-1, N_FFT, HOP) * w, dim=-1)
+    return out.reshape(*x.shape[:-1], *out.shape[1:])
 
 
 def istft_frames(z: torch.Tensor) -> torch.Tensor:
@@ -171,12 +195,14 @@ class TargetRows:
 
 def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
               per_target: Callable[[int, torch.Tensor], torch.Tensor], spectral: bool,
-              block: int = BLOCK) -> np.ndarray:
+              block: int = BLOCK, stft: Callable[[torch.Tensor], torch.Tensor] = stft_frames
+              ) -> np.ndarray:
     """Estimates [S, 2, n] of a track, target j being per_target(j, x) over the models that output
     it (mixer.blend.source_models), x their STFT frames [M_j, 2, frames, F] (`spectral`; the
     result is frames [2, frames, F]) or waveforms [M_j, 2, L] (the result [2, L]).
 
-    Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
+    `stft` computes the frames (`stft_frames`; `stft_frames_as_librosa` where a per-bin
+    choice must be MSST's). Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
     multiples of HOP with HOP samples of context: every frame is the whole track's, so the result
     does not depend on the block size; memory is the estimates plus one block. The targets of a
     block run in torch.get_num_threads() threads (numpy's elementwise work is single-threaded
@@ -194,7 +220,7 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
 
         def target(b: int, j: int) -> None:
             models = chunks[b, first[j]:first[j + 1]].reshape(len(table[j]), 2, -1)
-            out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
+            out[b, j] = (istft_frames(per_target(j, stft(models))) if spectral
                          else per_target(j, models))
         jobs = [(b, j) for b in range(len(chunks)) for j in range(len(table))]
         threads = max(1, min(outer, len(jobs)))
@@ -231,7 +257,7 @@ class SpectralEnsemble:
         spectral = self.method in SPEC and self.method != "avg-spec"
         return blockwise(self.spec, mixture, stems_by_key,
                          lambda j, x: combine(self.method, x, self.weights[j]),
-                         spectral=spectral, block=block)
+                         spectral=spectral, block=block, stft=stft_frames_as_librosa)
 
 
 # ---- runs ------------------------------------------------------------------------------------
