@@ -50,6 +50,32 @@ def stem_dataset(tmp_path):
     return write_four_tracks(tmp_path / "ds")
 
 
+def assert_separate_is_apply(work: Path, run_dir: Path, song: Path, out_dir: Path, fmt="wav"):
+    """What `pipeline separate` wrote for `song` (out_dir/<song>/<target>.<fmt>) is the run's
+    mixer (mixer.apply.Mixer) applied to the stems the separate stage stored for the song,
+    resampled to the song's rate: float32 rounding for WAV, 24-bit steps for FLAC."""
+    import json
+
+    from core.audio import resample
+    from core.store import StemStore
+    from mixer.apply import Mixer
+    from pipeline.separate import files_dataset_id, probe_input, run_rate
+
+    config = json.loads((run_dir / "config.json").read_text())
+    store, keys = StemStore(work / "store"), config["inputs"]["model_keys"]
+    rate = run_rate(config, store, run_dir)
+    ds_id, item = files_dataset_id(rate), probe_input(song)
+    [track] = [t for t in store.tracks(ds_id) if t.name == item.track_name()]
+    est = Mixer(run_dir)(store.mixture(ds_id, track), {k: store.stems(k, ds_id, track) for k in keys})
+    est = resample(est, rate, item.rate)
+    assert est.shape[-1] >= item.length
+    for j, target in enumerate(config["sources"]):
+        y, got_rate = sf.read(out_dir / song.stem / f"{target}.{fmt}", dtype="float32", always_2d=True)
+        assert got_rate == item.rate and y.shape == (item.length, 2)
+        np.testing.assert_allclose(y.T, est[j, :, :item.length], rtol=0,
+                                   atol=1e-6 if fmt == "wav" else 2 ** -22, err_msg=target)
+
+
 def run_cli(args, capsys):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
     from pipeline.cli import main
