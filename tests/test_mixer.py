@@ -516,6 +516,59 @@ def test_average_init_starts_from_the_uniform_average():
         torch.testing.assert_close(model(x), torch.einsum("io,bit->bot", A, x))
 
 
+def test_mdx_mixer_learns_weights_that_switch_over_time(tmp_path):
+    """Known answer for time-varying weights. Two models: in blocks of 4 segments (T = 1024,
+    the tiny preset's), chosen at random, one is right (the reference plus a -20 dB noise floor)
+    and the other wrong: an offset of +-0.1 per source (+ for drums and other, - for bass and
+    vocals) plus noise twice the reference's level. The wrong model shows in the segment means
+    of its channels, which the MDX-Mixer's pooled features carry. The per-segment oracle takes
+    the right model in each block (20.0 dB). Scored on each block's middle two segments, where
+    every Hann window of Mixer's overlap-add lies inside the block: the MDX-Mixer comes within
+    1.5 dB of the oracle (19.2 dB measured; 19.8 and 19.9 with data seeds 1 and 2), and at least
+    10 dB above the best any conv1x1 can do, the least-squares static mixing of the same inputs
+    fitted on the scored samples themselves (4.4 dB measured). About 20 s on 2 busy cores."""
+    T, block = 1024, 4096
+    rng = np.random.default_rng(0)
+    right = {}
+
+    def edit(split, i, refs, stems):
+        n = refs.shape[-1]
+        a_right = np.repeat(rng.integers(0, 2, -(-n // block)), block)[:n].astype(bool)
+        right[split, i] = a_right
+        sign = np.array([1.0, -1.0, 1.0, -1.0])[:, None, None]
+        wrong = lambda: 0.1 * sign + 0.2 * rng.standard_normal(refs.shape)   # noqa: E731
+        stems["A"][:] += np.where(a_right, 0.0, wrong())
+        stems["B"][:] += np.where(a_right, wrong(), 0.0)
+
+    store = make_store(tmp_path / "store", {k: (SOURCES, np.eye(4)) for k in "AB"}, noise=0.01,
+                       splits=(("train", 3), ("test", 1)), length=8 * block, edit=edit)
+    train_mixer(store, "toy", ["A", "B"], "mdx-mixer", tmp_path / "mdx", preset="tiny", epochs=12,
+                batch=8, lr=1e-2, lr_schedule="cosine", shift=T // 2, select="last",
+                device="cpu", progress=False)
+    t = store.tracks("toy", "test")[0]
+    refs = np.asarray(store.references("toy", t), np.float64)
+    stems = {k: np.asarray(store.stems(k, "toy", t), np.float64) for k in "AB"}
+    mixture = np.asarray(store.mixture("toy", t), np.float64)
+    pos = np.arange(refs.shape[-1]) % block
+    inner = (pos >= T) & (pos < block - T)
+
+    def score(est):
+        return np.mean([sdr(refs[j][:, inner], est[j][:, inner]) for j in range(4)])
+
+    oracle = score(np.where(right["test", 0], stems["A"], stems["B"]))
+    mdx = score(apply_run(tmp_path / "mdx", mixture.astype(np.float32), stems))
+    # the best static affine mixing of every input channel (what a conv1x1 on normalised inputs
+    # is), least squares on the scored samples: an upper bound for any trained conv1x1
+    x = np.concatenate([stems["A"].reshape(8, -1), stems["B"].reshape(8, -1), mixture,
+                        np.ones((1, refs.shape[-1]))])[:, inner]
+    W = np.linalg.lstsq(x.T, refs.reshape(8, -1)[:, inner].T, rcond=None)[0]
+    static = np.full(refs.shape, np.nan)
+    static.reshape(8, -1)[:, inner] = (x.T @ W).T
+    conv = score(static)
+    assert abs(oracle - 20.0) < 0.2, oracle
+    assert mdx > oracle - 1.5 and mdx > conv + 10.0, (mdx, oracle, conv)
+
+
 def test_residual_mdx_mixer_starts_from_the_conv1x1_and_its_penalty_holds_it_there(tmp_path):
     """base = a conv1x1 run: W_k = W + ΔW_k with W the conv1x1's and ΔW_k = 0 before training;
     the training loss is L1 + penalty x mean(ΔW_k^2); a large penalty keeps ΔW_k near zero."""
