@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_cache import machine_line  # noqa: E402
+from goals import check, finish  # noqa: E402
 
 MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT", REPO.parent / "shared" / "data" / "musdb18-7"))
 MODELS = (("umx-synth", {"niter": 0}), ("xumx-synth", {"niter": 0}), ("demucs-synth", {}))
@@ -186,14 +187,14 @@ def print_spectral(rows: list[dict], seconds: float) -> None:
     print(f"\n(a) spectral / order-statistic ensembles, 4 models x 4 sources, {seconds:g} s stereo "
           f"track (goal >= 50x real time)")
     for r in rows:
-        ok = "PASS" if r["realtime"] >= 50 else "below goal"
+        ok = check(r["realtime"] >= 50, f"{r['method']} >= 50x real time")
         print(f"  {r['method']:<12} {r['seconds']:6.2f} s  {r['realtime']:6.1f}x real time  {ok}")
 
 
 def print_band(b: dict, bands: int, step: float) -> None:
     print(f"\n(b) band-blend search, 3 models x {bands} bands x 4 sources, step {step}, "
           f"{b['tracks']} MUSDB18-7 train tracks (goal < 60 s)")
-    print(f"  search {b['t_search']:.1f} s ({'PASS' if b['t_search'] < 60 else 'over goal'}): band "
+    print(f"  search {b['t_search']:.1f} s ({check(b['t_search'] < 60, 'band-blend search < 60 s')}): band "
           f"signals + inner products {b['t_stats']:.1f} s, coordinate ascent {b['t_ascent']:.1f} s "
           f"({b['sweeps']} sweeps, {b['points']} grid points scored)")
     print(f"  rendering + scoring one point on every track: {b['per_point']:.1f} s; the search's "
@@ -231,6 +232,7 @@ def main() -> None:
                   f"({time.perf_counter() - t0:.0f} s)")
             print_band(bench_band_search(work, store, ds, keys, args.bands, args.step), args.bands, args.step)
         print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+    finish()
 
 
 if __name__ == "__main__":

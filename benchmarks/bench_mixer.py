@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_cache import machine_line, peak_mib, reset_peak_rss, rss_mib  # noqa: E402
+from goals import check, finish  # noqa: E402
 
 RATE = 44100
 MODELS = (("umx-synth", {"niter": 0}), ("xumx-synth", {"niter": 0}), ("demucs-synth", {}))
@@ -292,7 +293,8 @@ def bench_separate_memory(store, ds_id, work: Path, runs: dict, minutes: float, 
     worst = max(r["extra_mib"] for r in res.values())
     print(f"    largest peak-base {worst:.0f} MiB = {worst / out_mib:.2f}x the float32 estimates "
           f"({out_mib:.0f} MiB), {worst / x_mib:.2f}x the whole input array X ({x_mib:.0f} MiB); "
-          f"check peak-base <= estimates + 1 GiB -> {'PASS' if worst <= out_mib + 1024 else 'FAIL'}")
+          f"check peak-base <= estimates + 1 GiB -> "
+          f"{check(worst <= out_mib + 1024, 'separate memory <= estimates + 1 GiB')}")
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -348,6 +350,7 @@ def main() -> None:
         if "d" in parts:
             bench_separate_memory(store, ds.id, work, runs, args.minutes, args.threads)
         print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+    finish()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ phase" of both MSST's lambda_min/absmax and UVR's np.where(|a| >= |b|, a, b)).
 
 STFT (MSST's and UVR's): librosa.stft(n_fft=2048, hop_length=1024) per channel: periodic Hann,
 frames centred on multiples of the hop with zeros beyond the ends; the inverse is librosa.istft:
-Hann synthesis window, overlap-add, divided by the summed squared windows.
+Hann synthesis window, overlap-add, divided by the summed squared windows. The spectra that
+median/min/max decide on are computed as librosa computes them for float32 audio (float64
+window and FFT, stored as complex64), so every bin picks the model MSST picks; a float32 FFT
+rounds differently and flips near-ties, which music has plenty of (`stft_frames_as_librosa`).
 
 Where ours differs:
 * Weights count for the averages only. MSST silently ignores `--weights` for median/min/max; we
@@ -58,7 +61,14 @@ from core.store import StemStore, write_json_atomic
 from mixer.blend import source_models
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec, check_inputs
-from mixer.stft import BLOCK, HOP, N_FFT, istft_frames, stft_frames
+from mixer.stft import (
+    BLOCK,
+    HOP,
+    N_FFT,
+    istft_frames,
+    stft_frames,
+    stft_frames_as_librosa,
+)
 
 WAVE = ("avg-wave", "median-wave", "min-wave", "max-wave")
 SPEC = ("avg-spec", "median-spec", "min-spec", "max-spec")
@@ -145,12 +155,14 @@ class TargetRows:
 
 def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
               per_target: Callable[[int, torch.Tensor], torch.Tensor], spectral: bool,
-              block: int = BLOCK) -> np.ndarray:
+              block: int = BLOCK, stft: Callable[[torch.Tensor], torch.Tensor] = stft_frames
+              ) -> np.ndarray:
     """Estimates [S, 2, n] of a track, target j being per_target(j, x) over the models that output
     it (mixer.blend.source_models), x their STFT frames [M_j, 2, frames, F] (`spectral`; the
     result is frames [2, frames, F]) or waveforms [M_j, 2, L] (the result [2, L]).
 
-    Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
+    `stft` computes the frames (`stft_frames`; `stft_frames_as_librosa` where a per-bin
+    choice must be MSST's). Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
     multiples of HOP with HOP samples of context: every frame is the whole track's, so the result
     does not depend on the block size; memory is the estimates plus one block. The targets of a
     block run in torch.get_num_threads() threads (numpy's elementwise work is single-threaded
@@ -168,7 +180,7 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
 
         def target(b: int, j: int) -> None:
             models = chunks[b, first[j]:first[j + 1]].reshape(len(table[j]), 2, -1)
-            out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
+            out[b, j] = (istft_frames(per_target(j, stft(models))) if spectral
                          else per_target(j, models))
         jobs = [(b, j) for b in range(len(chunks)) for j in range(len(table))]
         threads = max(1, min(outer, len(jobs)))
@@ -205,7 +217,7 @@ class SpectralEnsemble:
         spectral = self.method in SPEC and self.method != "avg-spec"
         return blockwise(self.spec, mixture, stems_by_key,
                          lambda j, x: combine(self.method, x, self.weights[j]),
-                         spectral=spectral, block=block)
+                         spectral=spectral, block=block, stft=stft_frames_as_librosa)
 
 
 # ---- runs ------------------------------------------------------------------------------------

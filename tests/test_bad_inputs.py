@@ -5,7 +5,6 @@ folder, train-mixer's summary, train-base on a dataset never cached, museval-exa
 estimates made elsewhere)."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np

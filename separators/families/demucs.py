@@ -23,6 +23,12 @@ arguments, so it can only be read with full unpickling (`torch.load(weights_only
 done for files the user put there (`--repo DIR`, a path given on the command line, a shipped
 checkpoint, the user's own torch hub cache) - never for anything fetched implicitly by us.
 
+Sources: the model's `sources` through `core.sources.canonical_sources` (a two-source package's
+vocals + other or vocals + no_vocals is vocals + instrumental); a package we exported names them
+among the dataset's sources noted in its `training_args` (`dataset_sources`), so targets vocals,
+other of MUSDB stay MUSDB's. A single local `.th` is read as demucs's LocalRepo reads it (the
+checksum suffix verified), keeping those `training_args`.
+
 Training recipe (`train-base --family demucs`, at the end of this file): Hybrid Demucs
 (`demucs.hdemucs.HDemucs`) or Hybrid Transformer Demucs (`demucs.htdemucs.HTDemucs`), trained
 with the L1 loss on waveforms, exported in demucs's package format as `<sig>-<checksum>.th`
@@ -256,13 +262,40 @@ def locate_demucs(name: str, repo: Path | None = None, offline: bool = False) ->
 # What a demucs model is
 # --------------------------------------------------------------------------------------------
 
+def _single_file(w: DemucsWeights) -> bool:
+    return (w.where == "repo" and not w.packaged_bag and w.bag == {"models": [w.name]}
+            and len(w.files) == 1 and w.files[0].suffix == ".th")
+
+
+def _load_package(path: Path):
+    """One local `.th` as demucs's LocalRepo.get_model reads it (checksum suffix verified), the
+    package's `training_args` kept on the model as `_training_args`: our exports note there the
+    dataset sources their targets were chosen from, which name the stems (DemucsSeparator)."""
+    import warnings
+
+    from demucs.repo import check_checksum
+    from demucs.states import load_model
+
+    if "-" in path.stem:
+        check_checksum(path, path.stem.rsplit("-", 1)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        package = torch.load(path, "cpu", weights_only=False)
+    model = load_model(package)
+    args = package.get("training_args")
+    model._training_args = dict(args) if isinstance(args, dict) else {}
+    return model
+
+
 def _load_model(w: DemucsWeights):
     """The demucs model (or BagOfModels) from located weights, through demucs's own loaders."""
     from demucs.pretrained import get_model
     from demucs.repo import ModelLoadingError
 
     try:
-        if w.where == "repo" and not w.packaged_bag:
+        if _single_file(w):
+            model = _load_package(w.files[0])
+        elif w.where == "repo" and not w.packaged_bag:
             model = get_model(w.name, repo=w.repo)
         elif w.where == "repo":
             from demucs.repo import BagOnlyRepo, LocalRepo
@@ -303,9 +336,15 @@ class DemucsSeparator(Separator):
         from demucs.apply import BagOfModels
         from demucs.htdemucs import HTDemucs
 
+        from core.sources import canonical_sources
+
         self.model = model
         self.name = name
-        self.sources = tuple(model.sources)
+        # a two-stem model's names mapped like every family's (vocals + other, vocals +
+        # no_vocals: vocals + instrumental); a model we trained is named among the dataset's
+        # sources it was trained on (targets [vocals, other] of MUSDB stay MUSDB's other)
+        within = getattr(model, "_training_args", {}).get("dataset_sources")
+        self.sources = canonical_sources(model.sources, within=within or None)
         self.sample_rate = int(model.samplerate)
         if int(model.audio_channels) != 2:
             raise PipelineError(f"{name}: a {model.audio_channels}-channel demucs model; only stereo models are supported")
@@ -525,6 +564,7 @@ def export(model, out: Path, config: dict, summary: dict) -> list[Path]:
     package = {"klass": model.__class__, "args": args, "kwargs": kwargs,
                "state": cpu_state(model),
                "training_args": {"config": config, "dataset": summary["dataset_id"],
+                                 "dataset_sources": list(summary["sources"]),
                                  "best_epoch": summary["best_epoch"]}}
     buf = io.BytesIO()
     torch.save(package, buf)

@@ -28,8 +28,12 @@ separated per block (the cache stage's rule), so only there can stems differ fro
 whole-track pass.
 
 Sources: `training.target_instrument` alone, else `training.instruments`; names go through
-`core.sources.canonical_sources` (a vocals + other pair is vocals + instrumental, MSST's
-"other_fix" meaning).
+`core.sources.canonical_sources`, each named by its place in `training.instruments` (a vocals +
+other pair is vocals + instrumental, MSST's "other_fix" meaning, so the lone target `other` of
+an instrumental RoFormer with `instruments: [other, vocals]` is the instrumental). Our own
+RoFormers also write `training.dataset_sources`, the dataset's sources their targets were chosen
+from, which then stands for the whole list (targets [vocals, other] of MUSDB stay MUSDB's
+vocals and other).
 
 Training recipe (`train-base --family roformer`, at the end of this file): BS-RoFormer (default)
 or Mel-RoFormer (`arch=mel_band_roformer`) with MSST's loss (L1 on waveforms + the
@@ -211,7 +215,12 @@ class MSSTSeparator(Separator):
         tr, inf, audio = cfg["training"], cfg["inference"], cfg.get("audio") or {}
         self.instruments = list(tr["instruments"])
         self.target = tr.get("target_instrument") or None
-        self.sources = canonical_sources([self.target] if self.target else self.instruments)
+        # a target is named by its place in the whole list: an instrumental RoFormer's lone
+        # `other` (instruments [other, vocals]) is the instrumental, not MUSDB's other; our own
+        # RoFormers record the dataset's sources they were trained among (a [vocals, other]
+        # subset of MUSDB is MUSDB's other)
+        self.sources = canonical_sources([self.target] if self.target else self.instruments,
+                                         within=tr.get("dataset_sources") or self.instruments)
         self.sample_rate = int(audio.get("sample_rate", 44100))
         self.demucs_mode = model_type == "htdemucs"
         if self.demucs_mode:
@@ -464,6 +473,8 @@ def export(network, out: Path, config: dict, summary: dict) -> list[Path]:
     model.ckpt, a bare state dict (the zoo's inference format)."""
     cfg = msst_config(config)
     cfg["training"]["best_epoch"] = summary["best_epoch"]
+    # the names' context (MSST ignores the key): targets are a subset of these sources
+    cfg["training"]["dataset_sources"] = list(summary["sources"])
     (out / "config.yaml").write_text(yaml.dump(cfg, sort_keys=False))
     torch.save(cpu_state(network), out / "model.ckpt")
     return [out / "config.yaml", out / "model.ckpt"]
