@@ -54,21 +54,21 @@ class Pass:
     shift: int = 0                    # samples of delay (zero-padded)
     roll: tuple[int, int] = (0, 1)    # (k, N): rotated by k x (n // N) samples
 
+    def _words(self, shift: str, roll: str) -> str:
+        parts = [p for p, on in (("flip", self.flip), ("polarity", self.polarity)) if on]
+        parts += [shift.format(self.shift)] if self.shift else []
+        parts += [roll.format(*self.roll)] if self.roll[0] else []
+        return "+".join(parts)
+
     @property
     def spec(self) -> str:
         """The pass as `tta_pass` gives it ("" for the plain pass)."""
-        parts = [p for p, on in (("flip", self.flip), ("polarity", self.polarity)) if on]
-        parts += [f"shift={self.shift}"] if self.shift else []
-        parts += [f"roll={self.roll[0]}/{self.roll[1]}"] if self.roll[0] else []
-        return "+".join(parts)
+        return self._words("shift={}", "roll={}/{}")
 
     @property
     def label(self) -> str:
         """The pass in a model's name: umx+flip, umx+shift11025, umx+roll1of2."""
-        parts = [p for p, on in (("flip", self.flip), ("polarity", self.polarity)) if on]
-        parts += [f"shift{self.shift}"] if self.shift else []
-        parts += [f"roll{self.roll[0]}of{self.roll[1]}"] if self.roll[0] else []
-        return "+".join(parts)
+        return self._words("shift{}", "roll{}of{}")
 
     @classmethod
     def parse(cls, text: str) -> "Pass":
