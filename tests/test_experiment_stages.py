@@ -80,7 +80,7 @@ split = "valid"
 selection_split = "select"
 """
 
-READS = ("_track_audio", "mixture_file", "stems", "stems_file")
+READS = ("_track_audio", "mixture_file", "track_file", "stems", "stems_file")
 
 
 @pytest.fixture(autouse=True)
