@@ -126,6 +126,42 @@ def test_a_remix_of_tracks_that_every_fold_model_saw_is_refused(crossfit):
     assert sep.honest_folds([("another-dataset", a)]) == (0, 1)
 
 
+def test_remixes_of_one_fold_are_separated_by_that_folds_model(crossfit, tmp_path):
+    """`remix --folds-of`: every remix is cut from the tracks of one fold (as the fold models
+    recorded them), and the cross-fitted model separates it with the model that held that fold out."""
+    from core.datasets import open_dataset
+    from core.remix import RemixParams, remix
+
+    store, ds, result = crossfit
+    seen = _fold_lists(result.run_dir)
+    params = RemixParams(ds.id, "train", n=4, seed=1, duration=1.0, gain_db=3.0,
+                         folds_of=str(result.run_dir))
+    manifest = remix(store, params, tmp_path / "remixes", progress=False)
+    out = open_dataset(tmp_path / "remixes")
+    ingest_dataset(store, out, progress=False)
+    [summary] = cache_spec(store, out, str(result.model_dir), progress=False)
+    folds = [load_separator(str(result.run_dir / f"fold-{k}" / "model")) for k in (1, 2)]
+    assert [r["fold"] for r in manifest["remixes"]] == [1, 2, 1, 2]
+    for r in manifest["remixes"]:
+        cut_from = {x["track"] for x in r["stems"].values()}
+        k = r["fold"] - 1
+        assert not cut_from & seen[k] and cut_from <= seen[1 - k]   # one fold's tracks only
+        track = next(t for t in store.tracks(out.id) if t.name == r["name"])
+        cached = np.asarray(store.stems(summary["key"], out.id, track), dtype=np.float32)
+        expected = _separate(folds[k], store, out.id, track)
+        np.testing.assert_allclose(cached, expected.astype(np.float16).astype(np.float32),
+                                   atol=2e-3 * np.abs(expected).max())
+    # without --folds-of a remix mixes the folds, and the cross-fitted model refuses it
+    mixed = remix(store, RemixParams(ds.id, "fit", n=6, seed=0, duration=1.0, gain_db=3.0),
+                  tmp_path / "mixed", progress=False)
+    assert any(len({x["track"] for x in r["stems"].values()} & seen[0]) and
+               len({x["track"] for x in r["stems"].values()} & seen[1]) for r in mixed["remixes"])
+    other = open_dataset(tmp_path / "mixed")
+    ingest_dataset(store, other, progress=False)
+    with pytest.raises(PipelineError, match="every fold model trained on some of the audio"):
+        cache_spec(store, other, str(result.model_dir), progress=False)
+
+
 def test_bad_fold_requests_are_one_line_errors(crossfit, tmp_path):
     store, ds, _ = crossfit
     with pytest.raises(PipelineError, match="folds 1: cross-fitting needs at least 2"):
