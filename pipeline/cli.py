@@ -48,7 +48,7 @@ def _shown(value) -> str:
 def _help(spec: opts.Spec, defaults: dict, owners: list[str]) -> str:
     """The option's help and default; when only some records have it, which ones."""
     mine = list(defaults)
-    known = {o: _shown(d) for o, d in defaults.items() if d is not None}
+    known = {o: _shown(d) for o, d in defaults.items() if d is not None and d != ()}
     if len(set(known.values())) == 1 and len(known) == len(mine):
         default = f"default {next(iter(known.values()))}"
     else:
