@@ -209,7 +209,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                model_options: dict | None = None, train_options: dict | None = None,
                device: str | None = None, resume: bool = True, amp: str = "off",
                num_workers: int = 0, progress: bool = True, select_split: str | None = None,
-               command: str | None = None) -> BaseTrainResult:
+               command: str | None = None, folds: int | None = None,
+               fold: tuple[int, int] | None = None) -> BaseTrainResult:
     """Train a base separator of one family on a dataset of the stem store; export it.
 
     Args:
@@ -250,6 +251,12 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             then uses the rest of train, 'fit': for data whose valid split is the evaluation
             split) or 'train'. Recorded in config.json with the held-out track names.
         command: the command line recorded in MODEL.md (default: this process's argv).
+        folds: K >= 2 cross-fits the model (separators.crossfit): K fold models in
+            run_dir/fold-k/, the k-th trained on the training tracks outside fold k, and
+            run_dir/model/ the one base model they make (each training track separated by the
+            fold model that never saw it, any other audio by their mean).
+        fold: (k, K): train only fold model k of K (on core.splits' `fit-except-k-of-K`),
+            recording its training tracks in config.json; what `folds` does K times.
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
     """
@@ -265,6 +272,16 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
 
     family = family_of(family)
     run_dir = Path(run_dir)
+    if folds is not None:
+        from separators.crossfit import train_crossfit
+
+        return train_crossfit(
+            store, dataset_id, family, preset, run_dir, folds, targets=targets, seed=seed,
+            epochs=epochs, batch_size=batch_size, segment=segment,
+            samples_per_epoch=samples_per_epoch, lr=lr, arch=arch, xumx_loss=xumx_loss,
+            model_options=model_options, train_options=train_options, device=device,
+            resume=resume, amp=amp, num_workers=num_workers, progress=progress,
+            select_split=select_split, command=command)
     info = store.dataset_info(dataset_id)
     sources = list(info["sources"])
     targets = list(targets or sources)
@@ -277,6 +294,10 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     fam = recipe(family)
     fam.check_training(targets, amp)
     train_split, valid_split = fit_and_select_splits(store, dataset_id, select_split)
+    if fold is not None:
+        from core.splits import fold_split
+
+        train_split = fold_split(*fold)
     train_tracks = store.tracks(dataset_id, train_split)
     if not train_tracks:
         raise PipelineError(f"dataset {dataset_id}: no tracks in the '{train_split}' split")
@@ -298,6 +319,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     config.update(seed=int(seed), dataset_id=dataset_id,
                   splits={"fit": train_split, "select": valid_split,
                           "select_tracks": [x.name for x in store.tracks(dataset_id, valid_split)]})
+    if fold is not None:   # what the cross-fitted model's honesty rests on, as trained
+        config["splits"]["fit_tracks"] = [x.name for x in train_tracks]
     t = config["train"]
 
     if resume and (kept := finished_run(run_dir, config)) is not None:
