@@ -251,13 +251,13 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
                  progress: bool, log) -> dict[str, Path]:
     """Train (or resume, or keep as finished) every [[train]] stage; {name: its model folder}."""
     from core.config import runs_dir
-    from separators.train_base import train_base
+    from separators.crossfit import train
 
     models = {}
     for t in config.get("train", []):
         t0 = time.perf_counter()
         run_dir = runs_dir(work) / t["name"]
-        result = train_base(
+        result = train(
             store, dataset_id, t["family"], t.get("preset", "small"), run_dir,
             targets=t.get("targets"), seed=t.get("seed", 0), epochs=t.get("epochs"),
             batch_size=t.get("batch"), segment=t.get("segment"),

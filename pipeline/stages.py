@@ -152,7 +152,7 @@ def train_base(family: str, dataset: str = SYNTHETIC, *, name: str | None = None
                command: str | None = None):
     """Train a base separator of one family; the model lands in RUN/model/."""
     from separators.train_base import family_of
-    from separators.train_base import train_base as train
+    from separators.crossfit import train
 
     w = work_dir(work)
     family_of(family)   # a typo fails before the dataset is ingested

@@ -83,6 +83,19 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def train(store: StemStore, dataset_id: str, family: str, preset: str, run_dir: str | Path, *,
+          folds: int | None = None, **options):
+    """`separators.train_base.train_base`, or with `folds` K >= 2 a cross-fitted run: K fold
+    models in run_dir/fold-k/, the k-th trained on the training tracks outside fold k, and
+    run_dir/model/ the one base model they make (each training track separated by the fold model
+    that never saw it, any other audio by their mean)."""
+    from separators.train_base import train_base
+
+    if folds is None:
+        return train_base(store, dataset_id, family, preset, run_dir, **options)
+    return train_crossfit(store, dataset_id, family, preset, Path(run_dir), folds, **options)
+
+
 def train_crossfit(store: StemStore, dataset_id: str, family: str, preset: str, run_dir: Path,
                    folds: int, *, command: str | None = None, **options):
     """Train (or resume, or keep) the K fold models, then write RUN/model/; returns a

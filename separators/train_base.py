@@ -209,7 +209,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                model_options: dict | None = None, train_options: dict | None = None,
                device: str | None = None, resume: bool = True, amp: str = "off",
                num_workers: int = 0, progress: bool = True, select_split: str | None = None,
-               command: str | None = None, folds: int | None = None,
+               command: str | None = None,
                fold: tuple[int, int] | None = None) -> BaseTrainResult:
     """Train a base separator of one family on a dataset of the stem store; export it.
 
@@ -251,10 +251,6 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             then uses the rest of train, 'fit': for data whose valid split is the evaluation
             split) or 'train'. Recorded in config.json with the held-out track names.
         command: the command line recorded in MODEL.md (default: this process's argv).
-        folds: K >= 2 cross-fits the model (separators.crossfit): K fold models in
-            run_dir/fold-k/, the k-th trained on the training tracks outside fold k, and
-            run_dir/model/ the one base model they make (each training track separated by the
-            fold model that never saw it, any other audio by their mean).
         fold: (k, K): train only fold model k of K (on core.splits' `fit-except-k-of-K`),
             recording its training tracks in config.json; what `folds` does K times.
 
@@ -272,16 +268,6 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
 
     family = family_of(family)
     run_dir = Path(run_dir)
-    if folds is not None:
-        from separators.crossfit import train_crossfit
-
-        return train_crossfit(
-            store, dataset_id, family, preset, run_dir, folds, targets=targets, seed=seed,
-            epochs=epochs, batch_size=batch_size, segment=segment,
-            samples_per_epoch=samples_per_epoch, lr=lr, arch=arch, xumx_loss=xumx_loss,
-            model_options=model_options, train_options=train_options, device=device,
-            resume=resume, amp=amp, num_workers=num_workers, progress=progress,
-            select_split=select_split, command=command)
     info = store.dataset_info(dataset_id)
     sources = list(info["sources"])
     targets = list(targets or sources)

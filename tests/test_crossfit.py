@@ -21,7 +21,7 @@ from core.errors import PipelineError
 from core.store import StemStore
 from separators.base import model_key
 from separators.registry import load_separator
-from separators.train_base import train_base
+from separators.crossfit import train
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(seed=2, epochs=2, select_split="select", progress=False, device="cpu")
@@ -43,7 +43,7 @@ def crossfit(tmp_path_factory):
     ds = make_dataset(base / "ds")
     store = StemStore(base / "store")
     ingest_dataset(store, ds, progress=False)
-    result = train_base(store, ds.id, "umx", "tiny", base / "runs" / "cf", folds=2, **OPTIONS)
+    result = train(store, ds.id, "umx", "tiny", base / "runs" / "cf", folds=2, **OPTIONS)
     return store, ds, result
 
 
@@ -165,11 +165,11 @@ def test_remixes_of_one_fold_are_separated_by_that_folds_model(crossfit, tmp_pat
 def test_bad_fold_requests_are_one_line_errors(crossfit, tmp_path):
     store, ds, _ = crossfit
     with pytest.raises(PipelineError, match="folds 1: cross-fitting needs at least 2"):
-        train_base(store, ds.id, "umx", "tiny", tmp_path / "a", folds=1, **OPTIONS)
+        train(store, ds.id, "umx", "tiny", tmp_path / "a", folds=1, **OPTIONS)
     with pytest.raises(PipelineError, match="folds 5: only 4 training track"):
-        train_base(store, ds.id, "umx", "tiny", tmp_path / "b", folds=5, **OPTIONS)
+        train(store, ds.id, "umx", "tiny", tmp_path / "b", folds=5, **OPTIONS)
     with pytest.raises(PipelineError, match="best epoch on 'select'"):
-        train_base(store, ds.id, "umx", "tiny", tmp_path / "c", folds=2,
+        train(store, ds.id, "umx", "tiny", tmp_path / "c", folds=2,
                    **{**OPTIONS, "select_split": "valid"})
 
 
@@ -177,9 +177,9 @@ KILLED = """
 import sys, torch
 torch.set_num_threads(1)
 from core.store import StemStore
-from separators.train_base import train_base
+from separators.crossfit import train
 store = StemStore(sys.argv[1])
-train_base(store, sys.argv[2], "umx", "tiny", sys.argv[3], folds=2, seed=2, epochs=4,
+train(store, sys.argv[2], "umx", "tiny", sys.argv[3], folds=2, seed=2, epochs=4,
            select_split="select", progress=False, device="cpu")
 """
 
