@@ -236,7 +236,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             channels, depth, t_layers).
         train_options: further loop options (weight_decay, lr_schedule 'cosine'|'constant',
             lr_min_ratio, grad_clip, samples_per_track, valid_segment, valid_max_items, augment
-            as a dict of `separators.train_data.Augment` fields).
+            as a dict of `separators.train_data.Augment` fields; roformer: warmup_steps).
         device: 'cpu', 'cuda', 'cuda:1' (default: cuda when available); under torchrun each rank
             uses cuda:LOCAL_RANK and the data is split over ranks (DDP).
         resume: continue from run_dir/last.pt when present (the configuration must match; only
@@ -360,7 +360,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                    batch_size=t["batch_size"], seed=int(seed), run_dir=run_dir, device=device,
                    make_scheduler=make_scheduler if t["lr_schedule"] != "constant" else None,
                    num_workers=num_workers, amp=amp, resume=resume, progress=progress,
-                   grad_clip=t["grad_clip"])
+                   grad_clip=t["grad_clip"], warmup_steps=int(t.get("warmup_steps", 0)))
 
     model_dir = run_dir / "model"
     seconds = float(sum(r["seconds"] for r in result.metrics))
