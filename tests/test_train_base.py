@@ -302,6 +302,20 @@ def test_warmup_ramps_the_rate_linearly_then_follows_the_schedule_and_resumes_al
     assert part == pytest.approx(whole)
 
 
+def test_warmup_steps_is_a_train_option_recorded_only_when_set(tiny, tmp_path):
+    store, ds = tiny
+    kw = dict(seed=4, epochs=1, progress=False)
+    warm = train_base(store, ds, "umx", "tiny", tmp_path / "warm",
+                      train_options={"warmup_steps": 3}, **kw)
+    plain = train_base(store, ds, "umx", "tiny", tmp_path / "plain",
+                       train_options={"warmup_steps": 0}, **kw)
+    assert warm.config["train"]["warmup_steps"] == 3
+    assert "warmup_steps" not in plain.config["train"]     # older runs' configurations hold
+    a = torch.load(tmp_path / "warm" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "best.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)     # the warm-up changed the steps
+
+
 def test_bad_requests_are_one_line_errors(tiny, tmp_path):
     store, ds = tiny
     with pytest.raises(PipelineError, match="family 'wavenet'"):
