@@ -142,7 +142,9 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
                                         f"{mixture.shape}, expected {shape[1:]}")
                 with store.open_stems_writer(key, dataset.id, entry, shape) as w:
                     t0 = time.perf_counter()
-                    separate_array(separator, mixture, t.sample_rate, out=w)
+                    # a cross-fitted model answers with the fold models that never saw the track
+                    separate_array(separator.for_track(store, dataset.id, entry), mixture,
+                                   t.sample_rate, out=w)
                     seconds = time.perf_counter() - t0
                     w.commit({"model": separator.name, "key": key, "identity": identity,
                               "sources": list(separator.sources), "sample_rate": t.sample_rate,

@@ -20,7 +20,9 @@ from typing import Any, Iterable, Mapping
 
 from core.errors import PipelineError
 
-KINDS = (bool, int, float, str, tuple)   # tuple: a list of floats ("2,1,1" on the command line)
+# tuple: a list of floats ("2,1,1" on the command line); list: a list of strings (a repeatable
+# flag; declared as tuple[str, ...])
+KINDS = (bool, int, float, str, tuple, list)
 
 
 def option(default, help: str, *, choices: tuple = (), flags: tuple[str, ...] = (),
@@ -70,10 +72,11 @@ def _kind(annotation) -> tuple[type, bool]:
         kind, _ = _kind(rest[0])
         return kind, len(rest) < len(args)
     if typing.get_origin(annotation) is tuple or annotation is tuple:
-        return tuple, False
+        return (list if args and args[0] is str else tuple), False
     if annotation in KINDS:
         return annotation, False
-    raise TypeError(f"option type {annotation!r}: use bool, int, float, str or tuple[float, ...]")
+    raise TypeError(f"option type {annotation!r}: use bool, int, float, str, tuple[float, ...] "
+                    f"or tuple[str, ...]")
 
 
 def specs(cls) -> list[Spec]:
@@ -120,9 +123,15 @@ def coerce(name: str, value, kind: type, optional: bool = False):
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(float(v) for v in items)
+        if kind is list:
+            items = [value] if isinstance(value, str) else list(value)
+            if not all(isinstance(v, str) and v for v in items):
+                raise ValueError(value)
+            return tuple(items)
         return str(value)
     except (TypeError, ValueError):
-        what = "numbers separated by commas, e.g. 2,1,1" if kind is tuple else kind.__name__
+        what = {tuple: "numbers separated by commas, e.g. 2,1,1",
+                list: "a list of names"}.get(kind, kind.__name__)
         raise PipelineError(f"option {name}={value!r}: expected {what}") from None
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ from mixer.blend import (
     simplex_grid,
     source_models,
 )
+from mixer.data import describe as describe_tracks
+from mixer.data import fitting_tracks
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec
 from mixer.spectral import blockwise
@@ -294,17 +296,18 @@ def _markdown(spec: InputSpec, config: dict) -> str:
 def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, bands: int = 8,
                       scale: str = "mel", step: float = 0.05, objective: str = "museval",
                       split: str = "select", run_dir: str | Path | None = None,
-                      progress: bool = True) -> dict:
-    """Search band weights on `split`; write `run_dir` (config.json, weights.md) when given."""
+                      progress: bool = True, extra_data: Sequence[str] = ()) -> dict:
+    """Search band weights on `split` (and the `extra_data` datasets, mixer.data); write
+    `run_dir` (config.json, weights.md) when given."""
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     info = store.dataset_info(dataset_id)
     rate = int(info.get("sample_rate", 44100))
     bins, hz = band_edges(bands, scale, rate)
-    tracks = store.tracks(dataset_id, split)
+    tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to search on")
-    pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
-             for t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
+    pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
+             for d, t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
     stats = collect_band_stats(pairs, spec, bins, rate)
     found = search_bands(stats, bands, step, objective)
 
@@ -312,7 +315,8 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
     weights = {t: {spec.model_keys[m]: [round(float(v), 6) for v in found.weights[j][:, i]]
                    for i, (m, _) in enumerate(table[j])} for j, t in enumerate(spec.targets)}
     config = run_config(
-        METHOD, spec, dataset_id, BandBlendOptions(step, objective, split, bands, scale),
+        METHOD, spec, dataset_id, BandBlendOptions(step=step, objective=objective, split=split, bands=bands,
+                                                 band_scale=scale, extra_data=tuple(extra_data)),
         rate=rate, split=split, step=step, objective=objective, frame=rate,
         bands={"count": bands, "scale": scale, "bins": [int(b) for b in bins],
                "edges_hz": [round(float(h), 1) for h in hz]},
@@ -325,7 +329,7 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
                                     for j, t in enumerate(spec.targets)},
                   "single_models": {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
                                     for m, k in enumerate(spec.model_keys)},
-                  "tracks": [t.name for t in tracks]},
+                  "tracks": describe_tracks(tracks, dataset_id)},
         search={"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
                 "converged": found.converged})
     if run_dir is not None:
@@ -352,7 +356,7 @@ def _fit(r: FitRequest) -> dict:
     o = r.options
     return search_band_blend(r.store, r.dataset_id, r.models, bands=o.bands, scale=o.band_scale,
                              step=o.step, objective=o.objective, split=o.split,
-                             run_dir=r.run_dir, progress=r.progress)
+                             run_dir=r.run_dir, progress=r.progress, extra_data=o.extra_data)
 
 
 RECORD = Method(

@@ -38,6 +38,8 @@ import numpy as np
 from core.errors import PipelineError
 from core.options import option
 from core.store import StemStore, write_json_atomic
+from mixer.data import describe as describe_tracks
+from mixer.data import extra_data_option, fitting_tracks
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec, check_inputs
 
@@ -338,20 +340,20 @@ def _markdown(spec: InputSpec, table: dict, best: dict, single: dict, objective:
 
 def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: float = 0.05,
                  objective: str = "museval", split: str = "valid",
-                 run_dir: str | Path | None = None) -> dict:
-    """Search blend weights on `split`; write `run_dir` (config.json, weights.json, weights.md)
-    when given; return the config."""
+                 run_dir: str | Path | None = None, extra_data: Sequence[str] = ()) -> dict:
+    """Search blend weights on `split` (and the `extra_data` datasets, mixer.data); write
+    `run_dir` (config.json, weights.json, weights.md) when given; return the config."""
     if objective not in OBJECTIVES:
         raise PipelineError(f"blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
     grid_divisions(step)   # a bad step fails before minutes of reading stems
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     info = store.dataset_info(dataset_id)
     win = int(info.get("sample_rate", 44100))   # museval's 1-s frames
-    tracks = store.tracks(dataset_id, split)
+    tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to search on")
-    pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
-             for t in tracks)
+    pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
+             for d, t in tracks)
     stats = collect_stats(pairs, spec, win)
     found = search(stats, step, objective)
 
@@ -361,10 +363,11 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
     best = {t: found.best[j] for j, t in enumerate(spec.targets)}
     single = {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
               for m, k in enumerate(spec.model_keys)}
-    config = run_config(METHOD, spec, dataset_id, BlendOptions(step, objective, split),
+    config = run_config(METHOD, spec, dataset_id,
+                        BlendOptions(step, objective, split, tuple(extra_data)),
                         split=split, step=step, objective=objective, frame=win, weights=weights,
                         validation={"blend": best, "single_models": single,
-                                    "tracks": [t.name for t in tracks]},
+                                    "tracks": describe_tracks(tracks, dataset_id)},
                         search={"rounds": found.rounds, "converged": found.converged})
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -387,6 +390,7 @@ class BlendOptions:
     objective: str = option("museval", "museval (median/median framewise SDR) or usdr (mean "
                             "whole-track SDR)", choices=OBJECTIVES)
     split: str = option("valid", "split the weights are searched on")
+    extra_data: tuple[str, ...] = extra_data_option()
 
 
 class BlendMixer(Mixer):
@@ -410,7 +414,7 @@ class BlendMixer(Mixer):
 def _fit(r: FitRequest) -> dict:
     o = r.options
     return search_blend(r.store, r.dataset_id, r.models, step=o.step, objective=o.objective,
-                        split=o.split, run_dir=r.run_dir)
+                        split=o.split, run_dir=r.run_dir, extra_data=o.extra_data)
 
 
 RECORD = Method(

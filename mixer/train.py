@@ -4,7 +4,8 @@ are `TrainingOptions`, every architecture's, followed by the architecture's own)
 
 Training examples are segments of T samples taken every `shift` samples from the train split
 (`fit`, the train split less the selection split, when the epoch is selected on `select`; the
-last segment of a track zero-padded), read straight from the stem store's memmaps; the loss is
+last segment of a track zero-padded) and from any `extra_data` (e.g. remixes, mixer.data), read
+straight from the stem store a segment at a time; the loss is
 L1 between the mixer's output and the references, on normalised waveforms; the optimizer is
 Adam. Validation uses non-overlapping segments of the selection split (`valid` by default;
 overlap would only repeat the same audio). The run folder holds everything `mixer.learned` needs:
@@ -37,6 +38,7 @@ from core.training import (
     train,
 )
 from mixer.consistency import ConsistencyOptions, check, project_segments
+from mixer.data import extra_data_option, fitting_tracks
 from mixer.ensemble import FitRequest, Method
 from mixer.inputs import (
     InputSpec,
@@ -83,6 +85,7 @@ class TrainingOptions:
                           "drawn anew every epoch")
     with_mixture: bool = option(True, "feed the mixture as input channels",
                                 flags=("--with-mixture/--without-mixture",))
+    extra_data: tuple[str, ...] = extra_data_option()
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,56 +116,55 @@ def learned_method(arch: Arch) -> Method:
 
 
 class SegmentDataset(Dataset):
-    """(X, Y) = (normalised inputs [in, T], normalised targets [2S, T]) for every segment."""
+    """(X, Y) = (normalised inputs [in, T], normalised targets [2S, T]) for every segment of the
+    tracks of `split` (and of the `extra` datasets, mixer.data).
+
+    Each item is read from the stem store with positional reads (core.store.NpyFile), nothing
+    kept open or mapped between items: memory is one segment's arrays whatever the number of
+    tracks (remixes multiply them), and only a few numbers per track are held."""
 
     def __init__(self, store: StemStore, dataset_id: str, spec: InputSpec, split: str,
-                 segment: int, shift: int, jitter: bool = False):
+                 segment: int, shift: int, jitter: bool = False, extra=()):
         self.store, self.dataset_id, self.spec, self.segment = store, dataset_id, spec, segment
         # jitter: each segment starts a random 0..shift-1 samples later than its grid position
         # (drawn from torch's RNG, which the training loop seeds per epoch): other crops of
         # the same music every epoch, against over-fitting small data
         self.shift, self.jitter = shift, jitter
-        self.tracks = store.tracks(dataset_id, split)
-        if not self.tracks:
-            raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to train a mixer on")
         # Fail now, in the main process, rather than in a DataLoader worker mid-epoch.
-        missing = [(k, t.name) for t in self.tracks for k in spec.model_keys
-                   if not store.has_stems(k, dataset_id, t)]
-        if missing:
-            k, name = missing[0]
-            raise PipelineError(f"{store.stems_dir(k, dataset_id, self.tracks[0]).parents[1]}: "
-                                f"{len(missing)} {split} track(s) without stems (first: model {k}, "
-                                f"track '{name}'); run `pipeline cache` for them first")
+        self.items = fitting_tracks(store, dataset_id, split, extra, spec.model_keys)
+        if not self.items:
+            raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to train a mixer on")
+        self.tracks = [t for _, t in self.items]
         # One pass over each mixture now, so that reading a segment is a slice and nothing more.
-        self.stats = [mixture_stats(store.mixture(dataset_id, t)) for t in self.tracks]
+        self.stats = []
+        for d, t in self.items:
+            with store.mixture_file(d, t) as mixture:
+                self.stats.append(mixture_stats(mixture))
         self.index = [(i, off) for i, t in enumerate(self.tracks)
                       for off in segment_offsets(t.length, segment, shift)]
-        self._arrays = {}
-
-    def __getstate__(self):
-        # Workers open their own memmaps rather than receive pickled copies of the parent's.
-        return {**self.__dict__, "_arrays": {}}
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _open(self, i: int):
-        if i not in self._arrays:
-            t = self.tracks[i]
-            self._arrays[i] = (self.store.mixture(self.dataset_id, t),
-                               {k: self.store.stems(k, self.dataset_id, t) for k in self.spec.model_keys},
-                               self.store.references(self.dataset_id, t))
-        return self._arrays[i]
+    def read(self, i: int, start: int, stop: int):
+        """(mixture [2, m], {key: stems [S_m, 2, m]}, references [S, 2, m]) of samples start:stop."""
+        d, t = self.items[i]
+        with self.store.track_file(d, t) as f:
+            audio = f[:, :, start:stop]
+        stems = {}
+        for k in self.spec.model_keys:
+            with self.store.stems_file(k, d, t) as f:
+                stems[k] = f[:, :, start:stop]
+        return audio[0], stems, audio[1:]
 
     def __getitem__(self, idx: int):
         i, start = self.index[idx]
         if self.jitter:
             moved = start + int(torch.randint(self.shift, ()).item())
             start = moved if moved < self.tracks[i].length else start
-        mixture, stems, refs = self._open(i)
-        stop = start + self.segment
-        x = normalise(assemble_inputs(self.spec, mixture, stems, start, stop), self.stats[i])
-        y = normalise(assemble_targets(refs, start, stop), self.stats[i])
+        mixture, stems, refs = self.read(i, start, start + self.segment)
+        x = normalise(assemble_inputs(self.spec, mixture, stems), self.stats[i])
+        y = normalise(assemble_targets(refs), self.stats[i])
         pad = self.segment - x.shape[-1]   # zeros in the normalised domain: silence in, silence out
         if pad:
             x, y = np.pad(x, ((0, 0), (0, pad))), np.pad(y, ((0, 0), (0, pad)))
@@ -173,7 +175,8 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, hyper: dict, ep
                  batch: int, lr: float, shift: int, seed: int,
                  max_segments_per_epoch: int | None, rate: int = 44100, select: str = "valid",
                  lr_schedule: str = "constant", weight_decay: float = 0.0,
-                 jitter: bool = False, consistency: dict | None = None) -> dict:
+                 jitter: bool = False, consistency: dict | None = None,
+                 extra_data=()) -> dict:
     """Everything needed to rebuild, retrain or apply the mixer.
 
     Options added later are recorded only when they differ from their defaults, so the runs made
@@ -196,6 +199,8 @@ def mixer_config(spec: InputSpec, dataset_id: str, arch: str, *, hyper: dict, ep
         config["training"]["weight_decay"] = weight_decay
     if jitter:
         config["training"]["jitter"] = True
+    if extra_data:
+        config["training"]["extra_data"] = list(extra_data)
     if consistency:   # mixer.consistency.check's finding; the mode applies and trains
         config["consistency"], config["consistency_check"] = consistency["mode"], consistency
     return config
@@ -328,7 +333,7 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
                           weight_decay=o.weight_decay, jitter=o.jitter, lr=o.lr, shift=o.shift,
                           seed=o.seed, max_segments_per_epoch=o.max_segments_per_epoch,
                           rate=int(store.dataset_info(dataset_id).get("sample_rate", 44100)),
-                          consistency=consistent)
+                          consistency=consistent, extra_data=o.extra_data)
     writer = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 writes
     if resume and (run_dir / "config.json").exists():
         _check_resumable(run_dir, config)
@@ -349,7 +354,8 @@ def train_mixer(store: StemStore, dataset_id: str, model_keys: list[str], arch: 
             model.base.copy_(base_weight)
     if consistent:
         project_outputs(model, o.consistency, len(spec.targets))
-    train_set = SegmentDataset(store, dataset_id, spec, fit_split(o.select), T, o.shift, o.jitter)
+    train_set = SegmentDataset(store, dataset_id, spec, fit_split(o.select), T, o.shift, o.jitter,
+                               extra=o.extra_data)
     valid_set = None if o.select == "last" else SegmentDataset(store, dataset_id, spec, o.select, T, T)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # segments per epoch, all ranks together
     max_batches = (math.ceil(o.max_segments_per_epoch / (o.batch * world))

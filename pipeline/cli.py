@@ -38,7 +38,7 @@ def _log(line: str) -> None:
 
 # ---- options declared by records ---------------------------------------------------------------
 _TYPES = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str],
-          tuple: Optional[str]}
+          tuple: Optional[str], list: Optional[List[str]]}
 
 
 def _shown(value) -> str:
@@ -48,7 +48,7 @@ def _shown(value) -> str:
 def _help(spec: opts.Spec, defaults: dict, owners: list[str]) -> str:
     """The option's help and default; when only some records have it, which ones."""
     mine = list(defaults)
-    known = {o: _shown(d) for o, d in defaults.items() if d is not None}
+    known = {o: _shown(d) for o, d in defaults.items() if d is not None and d != ()}
     if len(set(known.values())) == 1 and len(known) == len(mine):
         default = f"default {next(iter(known.values()))}"
     else:
@@ -105,6 +105,31 @@ def make_dataset(
     out = stages.make_dataset(out, seed=seed, train=train, valid=valid, test=test,
                               duration=duration, rate=rate, force=force, work=work)
     console.print(f"dataset ready: {out}")
+
+
+def remix_cmd(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset whose stems are remixed (store id, folder, or 'synthetic')."),
+    split: str = typer.Option("train", help="Split the stems are drawn from (train, fit, a fold's, ...); never your evaluation split."),
+    n: int = typer.Option(80, "--n", help="Number of remixes."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives bit-identical remixes."),
+    folds_of: Optional[str] = typer.Option(None, "--folds-of", help="A cross-fitted model's run (`train-base --folds K`): each remix draws from one of its folds, so the fold model that never saw that fold is honest on it."),
+    duration: float = typer.Option(6.0, help="Seconds per remix (each stem starts at a random point of its track)."),
+    gain_db: float = typer.Option(3.0, "--gain-db", help="Each stem's gain is drawn uniformly within +-this many dB."),
+    name: Optional[str] = typer.Option(None, help="Dataset name (default remix-SPLIT-nN-sSEED[-RUN]): <work>/data/NAME."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default <work>/data/NAME)."),
+    force: bool = typer.Option(False, "--force", help="Replace a folder holding other remixes."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Remixed training mixtures: every source from a random track of the split, at a random start and gain; written as a dataset of stem folders (+ remix.json) and stored."""
+    from core.remix import describe
+
+    result = stages.remix(dataset, split=split, n=n, seed=seed, folds_of=folds_of,
+                          duration=duration, gain_db=gain_db, name=name, out=out, force=force,
+                          work=work)
+    console.print(f"{describe(result)}: {result['root']} (dataset {result['dataset']}); cache "
+                  f"the base models on it (`pipeline cache -d {result['root']} -m ...`), then fit "
+                  f"with --extra-data {result['dataset']}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def cache(
@@ -254,6 +279,7 @@ def train_base_cmd(
     device: Optional[str] = DeviceOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Cross-fit: K fold models (RUN/fold-k/), the k-th trained on the training tracks outside fold k, cached as one model that separates each training track with the fold model that never saw it (other audio: their mean). Needs --select-split select."),
     work: Optional[Path] = WorkOpt,
 ):
     """Train a base separator of one family on a cached dataset; the model lands in RUN/model/."""
@@ -261,7 +287,7 @@ def train_base_cmd(
                                xumx_loss=xumx_loss, targets=target, epochs=epochs, batch=batch,
                                segment=segment, lr=lr, seed=seed, select_split=select_split,
                                workers=workers, amp=amp, device=device, out=out, fresh=fresh,
-                               work=work)
+                               folds=folds, work=work)
     console.print(f"model written to {result.model_dir} (best epoch {result.best_epoch}, "
                   f"valid loss {result.best_valid:.4g}); use it with `pipeline cache -m {result.model_dir}`")
 
@@ -297,12 +323,13 @@ def select_models_cmd(
     name: Optional[str] = typer.Option(None, help="Selection name (default: the --by scorer): the file is <work>/selections/NAME.json."),
     out: Optional[Path] = typer.Option(None, help="Selection file (default <work>/selections/NAME.json)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing selection file."),
+    extra_data: List[str] = typer.Option([], "--extra-data", help="More data to score the sets on, DATASET[:SPLIT] each (a store id or dataset folder; SPLIT default train), e.g. remixes (`pipeline remix`). Repeatable."),
     work: Optional[Path] = WorkOpt,
 ):
     """Choose base models by greedy forward selection on the selection split; write the list."""
     result = stages.select_models(model, dataset, by=by, split=split, objective=objective,
                                   step=step, min_gain=min_gain, backward=backward, name=name,
-                                  out=out, force=force, work=work,
+                                  out=out, force=force, extra_data=extra_data, work=work,
                                   log=lambda line: console.print(line, markup=False, highlight=False))
     path = result["file"]
     console.print(f"chose {', '.join(m['name'] for m in result['models'])} "
@@ -401,6 +428,7 @@ def build_app() -> typer.Typer:
 
     fixed, learned = methods.records(learned=False), methods.records(learned=True)
     app.command("make-dataset")(make_dataset)
+    app.command("remix")(remix_cmd)
     app.command("run")(run_cmd)
     app.command("demo")(demo)
     app.command("separate")(separate_cmd)

@@ -52,7 +52,9 @@ COMMON_KEYS = ("name", "method", "models", "models_from")
 MODELS_KEYS = ("spec", "trained", "name", "repo")
 TRAIN_KEYS = ("name", "family", "preset", "epochs", "lr", "seed", "select_split", "batch",
               "segment", "samples_per_epoch", "arch", "xumx_loss", "targets", "model", "train",
-              "amp", "num_workers")
+              "amp", "num_workers", "folds")
+# [[remix]] keys: `pipeline remix`'s options; `folds_of` names a [[train]] stage with `folds`
+REMIX_KEYS = ("name", "split", "n", "seed", "folds_of", "duration", "gain_db")
 EVALUATE_KEYS = ("split", "selection_split", "oracles", "full_metrics", "out")
 
 
@@ -70,9 +72,11 @@ def _check_keys(path, what: str, table: dict, allowed) -> None:
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Whether two splits share tracks (select and fit are parts of train)."""
-    part_of = {"select": "train", "fit": "train"}
-    return a == b or part_of.get(a) == b or part_of.get(b) == a
+    """Whether two splits share tracks (select, fit and the folds are parts of train)."""
+    from core.splits import is_part_of_train
+
+    parent = lambda s: "train" if is_part_of_train(s) else s   # noqa: E731
+    return a == b or parent(a) == b or parent(b) == a
 
 
 def _honest(path, evaluated: str, what: str, split: str, key: str) -> None:
@@ -101,6 +105,11 @@ def _validate_train(stages: list, path) -> dict[str, dict]:
         if preset not in PRESET_NAMES:
             raise PipelineError(f"{path}: [[train]] '{name}' has preset {preset!r}; choose one of "
                                 f"{', '.join(PRESET_NAMES)}")
+        if "folds" in t and (not isinstance(t["folds"], int) or isinstance(t["folds"], bool)
+                             or t["folds"] < 2 or t.get("select_split") != "select"):
+            raise PipelineError(f"{path}: [[train]] '{name}': folds = {t['folds']!r} needs an "
+                                f"integer >= 2 and select_split = \"select\" (the folds share "
+                                f"the training tracks outside it)")
         for sub in ("model", "train"):
             if not isinstance(t.get(sub, {}), dict):
                 raise PipelineError(f"{path}: [[train]] '{name}': '{sub}' must be a table of options")
@@ -143,6 +152,7 @@ def validate(config: dict, path) -> dict:
     ev = config.get("evaluate", {})
     _check_keys(path, "[evaluate]", ev, EVALUATE_KEYS)
     evaluated = ev.get("split", "test")
+    remixes = _validate_remix(config.get("remix", []), trained, evaluated, path)
     _honest(path, evaluated, "[evaluate] selection_split (best per source)",
             ev.get("selection_split", "valid"), "selection_split")
     for name, t in trained.items():
@@ -175,6 +185,10 @@ def validate(config: dict, path) -> dict:
             raise PipelineError(str(e)) from None
         for reading, split, key in method.reads(options):
             _honest(path, evaluated, f"{what} ({method.name} {reading})", split, key)
+        unknown = [r for r in getattr(options, "extra_data", ()) if r not in remixes]
+        if unknown:   # a dataset named here could be anything, the evaluation split included
+            raise PipelineError(f"{path}: {what} has extra_data {', '.join(map(repr, unknown))}; "
+                                f"name [[remix]] stages ({', '.join(remixes) or 'none declared'})")
         for x in specs:   # an option naming another system's run: one listed before
             if x.refers and x.experiment_key in s:
                 kind = x.refers.partition(":")[2]   # "run:conv1x1": a conv1x1 system's
@@ -186,6 +200,26 @@ def validate(config: dict, path) -> dict:
                                         f"({', '.join(fits) or 'none'})")
         names[s["name"]] = method.name
     return config
+
+
+def _validate_remix(stages: list, trained: dict[str, dict], evaluated: str, path) -> dict[str, dict]:
+    if not isinstance(stages, list):
+        raise PipelineError(f"{path}: 'remix' must be a list of [[remix]] tables")
+    by_name = {}
+    for r in stages:
+        name = r.get("name")
+        if not name or not isinstance(name, str) or name in by_name or name in trained:
+            raise PipelineError(f"{path}: every [[remix]] needs a unique 'name' (its dataset "
+                                f"<work>/data/<name>), got {name!r}")
+        check_name(name, f"{path}: [[remix]] name")
+        _check_keys(path, f"[[remix]] '{name}'", r, REMIX_KEYS)
+        _honest(path, evaluated, f"[[remix]] '{name}' (its stems)", r.get("split", "train"), "split")
+        ref = r.get("folds_of")
+        if ref is not None and not trained.get(ref, {}).get("folds"):
+            raise PipelineError(f"{path}: [[remix]] '{name}' has folds_of = {ref!r}; name a "
+                                f"[[train]] stage with folds")
+        by_name[name] = r
+    return by_name
 
 
 def _options_of(system: dict, specs) -> dict:
@@ -221,13 +255,13 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
                  progress: bool, log) -> dict[str, Path]:
     """Train (or resume, or keep as finished) every [[train]] stage; {name: its model folder}."""
     from core.config import runs_dir
-    from separators.train_base import train_base
+    from separators.crossfit import train
 
     models = {}
     for t in config.get("train", []):
         t0 = time.perf_counter()
         run_dir = runs_dir(work) / t["name"]
-        result = train_base(
+        result = train(
             store, dataset_id, t["family"], t.get("preset", "small"), run_dir,
             targets=t.get("targets"), seed=t.get("seed", 0), epochs=t.get("epochs"),
             batch_size=t.get("batch"), segment=t.get("segment"),
@@ -235,10 +269,12 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
             xumx_loss=t.get("xumx_loss"), model_options=t.get("model"),
             train_options=t.get("train"), device=device, amp=t.get("amp", "off"),
             num_workers=t.get("num_workers", 0), progress=progress,
-            select_split=t.get("select_split"),
+            select_split=t.get("select_split"), folds=t.get("folds"),
             command=f"pipeline run ({config['name']}, [[train]] {t['name']})")
         state = ("finished earlier, kept" if result.kept else
                  f"trained in {time.perf_counter() - t0:.0f} s")
+        if t.get("folds"):
+            state += f", cross-fitted: {t['folds']} fold models"
         log(f"[train] {t['name']}: {state} (best epoch {result.best_epoch} of "
             f"{result.config['train']['epochs']}, {result.config['splits']['select']} loss "
             f"{result.best_valid:.4g})")
@@ -246,17 +282,62 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
     return models
 
 
+def remix_stages(config: dict, store, dataset_id: str, work: Path, *, progress: bool,
+                 log) -> dict[str, object]:
+    """Write (or keep) every [[remix]] dataset and store it; {name: its core.datasets.Dataset}."""
+    from cache.run import ingest_dataset
+    from core.config import runs_dir
+    from core.datasets import open_dataset
+    from core.remix import RemixParams, describe, remix
+
+    out = {}
+    for r in config.get("remix", []):
+        ref = r.get("folds_of")
+        params = RemixParams(dataset_id, r.get("split", "train"), int(r.get("n", 80)),
+                             int(r.get("seed", 0)), float(r.get("duration", 6.0)),
+                             float(r.get("gain_db", 3.0)),
+                             None if ref is None else str(runs_dir(work) / ref))
+        root = work / "data" / r["name"]
+        manifest = remix(store, params, root, progress=progress)
+        ds = open_dataset(root)
+        ingest_dataset(store, ds, progress=progress)
+        log(f"[remix] {r['name']}: {describe(manifest)} ({ds.id})")
+        out[r["name"]] = ds
+    return out
+
+
+def remix_models(config: dict, remixes: dict) -> dict[str, list[int]]:
+    """{remix name: the [[models]] entries (indices) some system fits on it}: a model is cached
+    on a remix only when a system needs it there."""
+    wanted: dict[str, set[int]] = {name: set() for name in remixes}
+    refs: dict[str, set[int]] = {}   # a spec two entries share: both (cached, not chosen)
+    for i, m in enumerate(config["models"]):
+        for ref in (m.get("spec"), m.get("trained"), m.get("name")):
+            if ref:
+                refs.setdefault(ref, set()).add(i)
+    for s in config.get("systems", []):
+        chosen = (set().union(*(refs[r] for r in s["models"] if r in refs)) if "models" in s
+                  else set(range(len(config["models"]))))
+        for name in s.get("extra_data", []):
+            wanted[name] |= set(chosen)
+    return {name: sorted(v) for name, v in wanted.items()}
+
+
 def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
-                progress: bool, log) -> tuple[dict[str, list[str] | None], list[str]]:
-    """Cache every [[models]] entry on `splits` (None: all). Returns ({its spec, name or trained
-    name, and each model's own name: the store keys}, every entry's keys in order): an entry
-    under `tta_members` is several models. A spec two entries share (a model with and without
-    `tta`) names the model whose own name it is (the plain one), else no model (None)."""
+                progress: bool, log, only: list[int] | None = None
+                ) -> tuple[dict[str, list[str] | None], list[str]]:
+    """Cache every [[models]] entry (only: those of these indices) on `splits` (None: all).
+    Returns ({its spec, name or trained name, and each model's own name: the store keys}, every
+    entry's keys in order): an entry under `tta_members` is several models. A spec two entries
+    share (a model with and without `tta`) names the model whose own name it is (the plain
+    one), else no model (None)."""
     from cache.run import cache_spec
 
     keys: dict[str, list[str] | None] = {}
     shared, own, ordered = set(), {}, []
-    for m in config["models"]:
+    for i, m in enumerate(config["models"]):
+        if only is not None and i not in only:
+            continue
         options = {k: m[k] for k in model_options() if k in m}
         spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
         cached = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
@@ -270,8 +351,8 @@ def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, split
                 keys.setdefault(ref, mine)
         for s in cached:
             own.setdefault(s["name"], [s["key"]])
-            log(f"[cache] {s['name']}: {s['computed']} tracks separated, {s['skipped']} cached "
-                f"({s['seconds']:.1f} s)")
+            log(f"[cache] {s['name']}{'' if only is None else ' on ' + dataset.root.name}: "
+                f"{s['computed']} tracks separated, {s['skipped']} cached ({s['seconds']:.1f} s)")
     for ref in shared:
         keys[ref] = own.get(ref)
     for name, k in own.items():
@@ -327,8 +408,12 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     ev = config.get("evaluate", {})
     split = ev.get("split", "test")
     before, after = _cache_phases(config, split)
+    remixes = remix_stages(config, store, dataset.id, work, progress=progress, log=log)
     keys, all_keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
                                  progress=progress, log=log)
+    for rname, needed in remix_models(config, remixes).items():
+        cache_stage(config, store, remixes[rname], trained, splits=None, device=device,
+                    progress=progress, log=log, only=needed)
 
     runs = []
     for system in config.get("systems", []):
@@ -340,6 +425,8 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
         given = {x.name: (runs_dir(work) / f"{name}-{system[x.experiment_key]}"
                           if x.refers else system[x.experiment_key])
                  for x in specs if x.experiment_key in system}
+        if "extra_data" in given:   # [[remix]] names -> their store ids
+            given["extra_data"] = [remixes[r].id for r in given["extra_data"]]
         options = methods.build_options(record, given)
         if not record.learned and methods.is_current(run_dir, chosen, record.name, options):
             log(f"[{record.name}] {system['name']}: unchanged, kept {run_dir}")

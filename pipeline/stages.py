@@ -66,6 +66,36 @@ def make_dataset(out: str | Path | None = None, *, seed: int = 0, train: int = 2
     return out
 
 
+def remix(dataset: str, *, split: str = "train", n: int = 80, seed: int = 0,
+          folds_of: str | Path | None = None, duration: float = 6.0, gain_db: float = 3.0,
+          name: str | None = None, out: str | Path | None = None, force: bool = False,
+          work: str | Path | None = None, progress: bool = True) -> dict:
+    """New training mixtures from the stems of `split`'s tracks (core.remix), written as a
+    dataset (<work>/data/NAME, or OUT) and stored; returns its manifest, "dataset" (its store
+    id) and "root". folds_of: a cross-fitted model's run (a name under <work>/runs or a folder):
+    each remix then draws from one of its folds."""
+    from cache.run import ingest_dataset
+    from core.datasets import open_dataset
+    from core.remix import RemixParams
+    from core.remix import remix as write_remixes
+
+    w = work_dir(work)
+    store = StemStore(store_dir(w))
+    ds_id = store_dataset_id(dataset, w, ingest=True)
+    run = None
+    if folds_of is not None:
+        run = Path(folds_of) if Path(folds_of).exists() else runs_dir(w) / str(folds_of)
+    if name is None:
+        name = f"remix-{split}-n{n}-s{seed}" + (f"-{run.name}" if run is not None else "")
+    root = Path(out) if out else w / "data" / check_name(name, "--name")
+    params = RemixParams(ds_id, split, int(n), int(seed), float(duration), float(gain_db),
+                         None if run is None else str(run))
+    manifest = write_remixes(store, params, root, force=force, progress=progress)
+    ds = open_dataset(root)
+    ingest_dataset(store, ds, progress=progress)
+    return {**manifest, "dataset": ds.id, "root": str(root)}
+
+
 # ---- cache -----------------------------------------------------------------------------------
 def cache(dataset: str, models: Sequence[str] = (), *, splits: Sequence[str] = (),
           device: str | None = None, offline: bool = False, repo: str | Path | None = None,
@@ -118,22 +148,23 @@ def train_base(family: str, dataset: str = SYNTHETIC, *, name: str | None = None
                segment: float | None = None, lr: float | None = None, seed: int = 0,
                select_split: str | None = None, workers: int = 0, amp: str = "off",
                device: str | None = None, out: str | Path | None = None, fresh: bool = False,
-               work: str | Path | None = None, progress: bool = True, command: str | None = None):
+               folds: int | None = None, work: str | Path | None = None, progress: bool = True,
+               command: str | None = None):
     """Train a base separator of one family; the model lands in RUN/model/."""
     from separators.train_base import family_of
-    from separators.train_base import train_base as train
+    from separators.crossfit import train
 
     w = work_dir(work)
     family_of(family)   # a typo fails before the dataset is ingested
     run = run_folder(w, name or f"{family}-{preset}", out)
-    if fresh and run.exists() and (run / "config.json").exists():
+    if fresh and run.exists() and ((run / "config.json").exists() or any(run.glob("fold-*/config.json"))):
         raise PipelineError(f"{run}: run folder exists; remove it or choose another --name to start over")
     ds_id = store_dataset_id(dataset, w, ingest=True)
     return train(StemStore(store_dir(w)), ds_id, family, preset, run, targets=list(targets) or None,
                  seed=seed, epochs=epochs, batch_size=batch, segment=segment, lr=lr, arch=arch,
                  xumx_loss=xumx_loss, device=device or default_device(), resume=not fresh,
                  amp=amp, num_workers=workers, select_split=select_split, progress=progress,
-                 command=command or "pipeline " + " ".join(sys.argv[1:]))
+                 command=command or "pipeline " + " ".join(sys.argv[1:]), folds=folds)
 
 
 # ---- ensembles -------------------------------------------------------------------------------
@@ -162,7 +193,8 @@ def select_models(models: Sequence[str], dataset: str = SYNTHETIC, *, by: str = 
                   split: str = "select", objective: str = "museval", step: float = 0.1,
                   min_gain: float = 0.01, backward: bool = False, name: str | None = None,
                   out: str | Path | None = None, force: bool = False,
-                  work: str | Path | None = None, log: Log = _quiet) -> dict:
+                  extra_data: Sequence[str] = (), work: str | Path | None = None,
+                  log: Log = _quiet) -> dict:
     """Greedy forward selection of base models on the selection split; writes the selection file."""
     from mixer.select import select_models as select
 
@@ -172,7 +204,7 @@ def select_models(models: Sequence[str], dataset: str = SYNTHETIC, *, by: str = 
         raise PipelineError(f"{path}: selection file exists; pass --force to overwrite or choose another --name")
     result = select(StemStore(store_dir(w)), store_dataset_id(dataset, w), list(models), by=by,
                     split=split, objective=objective, step=step, min_gain=min_gain,
-                    backward=backward, out=path, log=log)
+                    backward=backward, out=path, log=log, extra_data=list(extra_data))
     return {**result, "file": str(path)}
 
 

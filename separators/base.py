@@ -57,6 +57,13 @@ class Separator(abc.ABC):
         """The adapters set `_checksum` from the weight files they loaded."""
         return self._checksum
 
+    def for_track(self, store, dataset_id: str, track) -> "Separator":
+        """The separator to run on one track of a dataset in the stem store (a TrackEntry): itself,
+        except for models whose output depends on which audio they were trained on (a
+        cross-fitted model picks the fold models that never saw the track,
+        separators.families.crossfit). The cache stage asks for every track."""
+        return self
+
     device: torch.device = torch.device("cpu")
 
     def to(self, device) -> "Separator":

@@ -22,6 +22,7 @@ its own model (the plain one included) so that the mixers can weigh them.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 
@@ -154,6 +155,14 @@ class TTASeparator(Separator):
     def identity(self) -> dict:
         return {**self.base.identity(), "name": self.name,
                 "tta": {"passes": [p.spec for p in self.passes]}}
+
+    def for_track(self, store, dataset_id: str, track) -> "TTASeparator":
+        base = self.base.for_track(store, dataset_id, track)
+        if base is self.base:
+            return self
+        view = copy.copy(self)
+        view.base = base
+        return view
 
     def to(self, device) -> "TTASeparator":
         self.base.to(device)

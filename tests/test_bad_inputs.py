@@ -81,7 +81,7 @@ REQUIRED = {
     ("cache",): ["-d", "synthetic"], ("cache", "import"): ["DIR", "--name", "x", "-d", "synthetic"],
     ("run",): ["EXP"], ("separate",): ["song.wav", "-e", "x", "-o", "out"],
     ("train-base",): ["-f", "umx"], ("blend",): ["-m", "a"], ("train-mixer",): ["-m", "a"],
-    ("report",): ["demo"], ("select-models",): ["-m", "a"],
+    ("report",): ["demo"], ("select-models",): ["-m", "a"], ("remix",): ["-d", "synthetic"],
 }
 
 
@@ -117,6 +117,7 @@ def bad_arguments(env) -> dict[tuple[str, ...], tuple[list, str]]:
         ("evaluate",): (["-d", "toy", "--estimates", "no-equals-sign", "--work", w], "expected NAME=DIR"),
         ("report",): ([root / "no-report", "--work", w], "neither a report folder"),
         ("select-models",): (["-m", "m0", "-m", "m1", "-d", "toy", "--by", "nonsense", "--work", w], "nonsense"),
+        ("remix",): (["-d", "toy", "--n", "0", "--work", w], "remix --n 0"),
     }
 
 

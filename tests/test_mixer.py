@@ -459,7 +459,7 @@ def test_select_on_the_selection_split_trains_on_the_rest_of_train(tmp_path, mon
     fit = {t.id for t in store.tracks("toy", "fit")}
     assert len(select) == 1 and len(fit) == 3
     read = []
-    for method in ("_track_audio", "stems"):
+    for method in ("_track_audio", "stems", "track_file", "stems_file", "mixture_file"):
         original = getattr(StemStore, method)
 
         def spy(self, *args, _original=original):

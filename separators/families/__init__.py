@@ -10,6 +10,8 @@ options, and, for the families `pipeline train-base` trains, its training recipe
     xumx     X-UMX (asteroid): .pth files; trains `--family xumx`
     uvr      UVR models: MDX-Net ONNX (onnxruntime)
     plugin   any separator given as Python code (`py:module:factory`, entry points)
+    crossfit K fold models of one recipe as one model (`train-base --folds K`): each training
+             track separated by the fold model that never saw it
 
 A new family is a new module here and one line in BUILTIN (another package's: an entry point in
 the `stem_ensemble.families` group). Its options become `pipeline cache` flags and [[models]]
@@ -56,7 +58,8 @@ class Family:
     recipe: Any = None                                 # separators.families.common.Recipe
 
 
-BUILTIN = tuple(f"separators.families.{m}" for m in ("umx", "msst", "demucs", "xumx", "uvr", "plugin"))
+BUILTIN = tuple(f"separators.families.{m}" for m in ("crossfit", "umx", "msst", "demucs", "xumx", "uvr",
+                                                             "plugin"))
 FAMILIES: Registry[Family] = Registry("base-model family", BUILTIN, group="stem_ensemble.families")
 
 
