@@ -6,7 +6,8 @@ Given an experiment file whose [[models]] hold each member twice, plain and with
 `consistency = "equal"` / `"energy"` beside the same system without (every other key equal):
 
 1. cost: every TTA member and its plain twin cache the tracks of the splits fitting reads (every
-   split but `[evaluate] split`, at most --cost-tracks of them), track by track, alternating
+   split but `[evaluate] split` or `cache_splits` less it; the evaluation split when nothing is
+   fitted and nothing else is cached), at most --cost-tracks of them, track by track, alternating
    which goes first from track to track, so drifting machine load hits both alike; wall and CPU
    time (user + sys of this process, all threads) per track. These are the stems the experiment
    uses (`force`: separated again on every run of this stage; --skip-cost reuses them);
@@ -21,7 +22,8 @@ Given an experiment file whose [[models]] hold each member twice, plain and with
     python benchmarks/bench_tta_consistency.py benchmarks/configs/demo-tta.toml --work work-tta
     python benchmarks/bench_tta_consistency.py EXPERIMENT --work DIR --skip-cost   # tables again
 
-No goal: TTA and consistency are reported where they pay and where they do not.
+Nothing here passes or fails: TTA and consistency are reported where they pay and where they do
+not.
 """
 from __future__ import annotations
 
@@ -78,6 +80,28 @@ def system_pairs(config: dict) -> list[tuple[str, str]]:
     return pairs
 
 
+FIT_FREE = ("avg-wave", "median-wave", "min-wave", "max-wave", "avg-spec", "median-spec",
+            "min-spec", "max-spec")
+
+
+def cost_splits(config: dict) -> list[str]:
+    """The splits the cost is measured on: those the experiment separates before fitting (every
+    split but the evaluation split, or its `cache_splits` less that one); the evaluation split
+    itself only when `cache_splits` names nothing else and no system fits anything (then the
+    experiment reads no other split, and timing its tracks first changes nothing)."""
+    evaluated = config.get("evaluate", {}).get("split", "test")
+    wanted = config.get("cache_splits") or ["train", "valid", "test"]
+    before = [s for s in wanted if s != evaluated]
+    if before:
+        return before
+    fitted = [s["name"] for s in config.get("systems", []) if s["method"] not in FIT_FREE]
+    if fitted:
+        raise SystemExit(f"cache_splits holds only the evaluation split '{evaluated}', but "
+                         f"{', '.join(fitted)} fit(s) something: the cost would separate the "
+                         f"evaluation tracks before fitting")
+    return [evaluated]
+
+
 def _load(entry: dict, offline: bool):
     from separators.registry import load_separator
     from separators.tta import split_options, with_tta
@@ -114,19 +138,19 @@ def measure_costs(config: dict, work: Path, max_tracks: int | None) -> dict:
     dataset = open_dataset_spec(ds_conf["path"], work)
     store = StemStore(store_dir(work))
     ingest_dataset(store, dataset, progress=False)
-    evaluated = config.get("evaluate", {}).get("split", "test")
-    tracks = [t for t in dataset.tracks if t.split != evaluated][:max_tracks]
+    tracks = [t for t in dataset.tracks if t.split in cost_splits(config)][:max_tracks]
     offline = config.get("offline", True)
     result = {"tracks": [t.name for t in tracks], "audio_seconds": sum(t.duration for t in tracks),
               "splits": sorted({t.split for t in tracks}), "pairs": []}
     for plain_entry, tta_entry in member_pairs(config):
         plain, plain_load = _load(plain_entry, offline)
         tta, tta_load = _load(tta_entry, offline)
-        # untimed: a process's first call into a model pays one-off costs (oneDNN primitives,
-        # lazily loaded kernels: up to 30 s of CPU for umx-synth's LSTMs on this machine)
+        # untimed, on the whole first track: a process's first call into a model, and its first
+        # call at an input length, pay one-off costs (oneDNN primitives for that shape, lazily
+        # loaded kernels: up to 30 s of CPU for umx-synth's LSTMs on this machine)
         first = store.mixture(dataset.id, entry_of(tracks[0]))
         for sep in (plain, tta):
-            separate_array(sep, np.array(first[:, :2 * tracks[0].sample_rate]), tracks[0].sample_rate)
+            separate_array(sep, np.array(first), tracks[0].sample_rate)
         rows = []
         print(f"cost: {plain.name} vs {tta.name} on {len(tracks)} {'/'.join(result['splits'])} "
               f"tracks ({result['audio_seconds']:.0f} s of audio), load average "
@@ -145,13 +169,16 @@ def measure_costs(config: dict, work: Path, max_tracks: int | None) -> dict:
                          "tta_wall": times[tta.name][0], "tta_cpu": times[tta.name][1]})
         total = {k: float(sum(r[k] for r in rows)) for k in ("plain_wall", "plain_cpu",
                                                              "tta_wall", "tta_cpu")}
+        per = sorted(r["tta_cpu"] / r["plain_cpu"] for r in rows)
+        total["median_track_cpu_ratio"] = float(per[len(per) // 2])
         passes = len(getattr(tta, "passes", [None]))
         result["pairs"].append({"plain": plain.name, "tta": tta.name, "tta_option": tta_entry["tta"],
                                 "passes": passes, "rows": rows, **total,
                                 "cpu_ratio": total["tta_cpu"] / total["plain_cpu"],
                                 "wall_ratio": total["tta_wall"] / total["plain_wall"]})
         print(f"  {tta.name}: CPU {total['tta_cpu']:.1f} s vs {total['plain_cpu']:.1f} s "
-              f"({total['tta_cpu'] / total['plain_cpu']:.2f}x, {passes} passes), wall "
+              f"({total['tta_cpu'] / total['plain_cpu']:.2f}x, median track "
+              f"{total['median_track_cpu_ratio']:.2f}x, {passes} passes), wall "
               f"{total['tta_wall']:.1f} vs {total['plain_wall']:.1f} s "
               f"({total['tta_wall'] / total['plain_wall']:.2f}x)", flush=True)
     result["load_average_end"] = os.getloadavg()[0]
@@ -194,7 +221,8 @@ def tables(df, targets: list[str], config: dict, names: dict[str, str], costs: d
                    f"TTA / plain |"), "|" + "---|" * 9]
         for plain, tta in members:
             c = costs_by.get(tta)
-            extra = (f" {c['tta_cpu']:.0f} / {c['plain_cpu']:.0f} s = **{c['cpu_ratio']:.2f}x** | "
+            extra = (f" {c['tta_cpu']:.0f} / {c['plain_cpu']:.0f} s = **{c['cpu_ratio']:.2f}x** "
+                     f"(median track {c.get('median_track_cpu_ratio', float('nan')):.2f}x) | "
                      f"{c['wall_ratio']:.2f}x |" if c else " | |")
             lines.append(row(plain, tta, extra))
         lines.append("")

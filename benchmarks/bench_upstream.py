@@ -412,7 +412,7 @@ def main() -> None:
                                                                      args.threads)),
                         "ours+polarity": ("ours", ours(str(path), "polarity")),
                         "audio-separator+denoise": ("upstream", uvr_upstream(
-                            path.parent, path, out, True)),
+                            path.parent, path, out, True, args.threads)),
                         "ours+tta": ("ours", ours(str(path), "flip,polarity"))}
             compare("uvr", variants,
                     [("ours", "audio-separator", "cache vs audio-separator separate"),
