@@ -138,7 +138,7 @@ def build_mdx(folder: Path, g: int, probe: np.ndarray):
     import torch
     from audio_separator.separator.uvr_lib_v5.mdxnet import ConvTDFNet
 
-    from separators.families.uvr import uvr_hash
+    from separators.families.uvr import write_offline_tables
 
     d = INST_HQ_3
     dim_t = 2 ** d["mdx_dim_t_set"]
@@ -158,13 +158,7 @@ def build_mdx(folder: Path, g: int, probe: np.ndarray):
     path = folder / "UVR-MDX-NET-Bench.onnx"
     torch.onnx.export(net, torch.zeros(1, 4, d["mdx_dim_f_set"], dim_t), str(path),
                       input_names=["input"], output_names=["output"], dynamo=False)
-    (folder / "mdx_model_data.json").write_text(json.dumps({uvr_hash(path): d}))
-    (folder / "vr_model_data.json").write_text("{}")
-    lists = {k: {} for k in ("vr_download_list", "mdx_download_vip_list", "demucs_download_list",
-                             "mdx23c_download_list", "mdx23c_download_vip_list",
-                             "roformer_download_list")}
-    lists["mdx_download_list"] = {"MDX-Net Model: Bench": path.name}
-    (folder / "download_checks.json").write_text(json.dumps(lists))
+    write_offline_tables(path, d, "Bench")
     return path, n
 
 
