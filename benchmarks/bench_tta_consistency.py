@@ -233,7 +233,7 @@ def tables(df, targets: list[str], config: dict, names: dict[str, str], costs: d
                    f"tracks improved | paired Δ {' / '.join(targets)} |"), "|" + "---|" * 7]
         lines += [row(a, b) for a, b in pairs]
         lines.append("")
-    if costs:
+    if costs and costs.get("pairs"):
         lines.append(f"(Cost: {len(costs['tracks'])} tracks of the {'/'.join(costs['splits'])} "
                      f"split(s), {costs['audio_seconds']:.0f} s of audio, each cached by the TTA "
                      f"member and its plain twin in turn; CPU = user + sys of the process.)")
