@@ -21,6 +21,12 @@ at step 0.05), so it is searched by coordinate ascent: start from the plain blen
 fixed and keep the best, sweeping the bands until none changes. Every accepted move improves the
 objective on the search split, so the result is never below the plain blend there. Silence
 masks couple the sources as in mixer.blend.search: rounds repeat until they are consistent.
+
+Where one band's simplex grid is too large to score whole (mixer.blend's search modes: 'auto'
+goes 'local' above AUTO_POINTS points, e.g. 6 models at step 0.05), the plain blend is
+mixer.blend's local search on the models' whole signals (the band signals summed), and each
+band's step is an exchange-move ascent within the band instead of its whole grid: the same
+guarantee (never below the plain blend), at a cost polynomial in the number of models.
 """
 from __future__ import annotations
 
@@ -36,15 +42,20 @@ from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, write_json_atomic
 from mixer.blend import (
-    OBJECTIVES,
+    SourceObjective,
     SourceStats,
+    ascend,
     blend_sounds,
+    check_search,
     collect_stats,
     frame_contexts,
+    local_search,
     score,
+    search_modes,
     simplex_grid,
     source_models,
 )
+from mixer.simplex import grid_divisions
 from mixer.inputs import InputSpec
 from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
 
@@ -178,6 +189,7 @@ class BandSearch:
     sweeps: int                   # band sweeps, all targets and rounds
     points: int                   # grid points scored
     converged: bool
+    modes: list[str] | None = None   # per target, exhaustive | local (mixer.blend's search modes)
 
 
 def _flat(w: np.ndarray) -> np.ndarray:
@@ -214,17 +226,58 @@ def _ascend(st: SourceStats, grid: np.ndarray, count: int, objective: str, ctx, 
     return w, value, plain, plain_value
 
 
-def search_bands(stats: list[SourceStats], count: int, step: float, objective: str) -> BandSearch:
-    if objective not in OBJECTIVES:
-        raise PipelineError(f"band-blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
-    grids = [simplex_grid(len(st.models) // count, step) for st in stats]
+def tied(st: SourceStats, count: int) -> SourceStats:
+    """The statistics of the models' whole signals (each model's band signals summed): the plain
+    blend's, whose weights are the same in every band."""
+    F, M = len(st.rr), len(st.models) // count
+
+    def b_(b):
+        return b.reshape(len(b), M, count).sum(2)
+
+    def G_(G):
+        return G.reshape(len(G), M, count, M, count).sum((2, 4))
+    return SourceStats([m // count for m in st.models[::count]], st.rr, st.ref_silent,
+                       st.silent.reshape(F, M, count).all(2), b_(st.b), G_(st.G), st.track, st.full,
+                       st.n_tracks, {"rr": st.totals["rr"], "b": b_(st.totals["b"]),
+                                     "G": G_(st.totals["G"])})
+
+
+def _ascend_local(st: SourceStats, count: int, K: int, objective: str, ctx, counter: dict):
+    """_ascend for a grid too large to score whole: the plain blend by mixer.blend's local search,
+    then per band an exchange-move ascent among that band's weights, the other bands fixed."""
+    plain_obj = SourceObjective(tied(st, count), objective, ctx)
+    plain, _, _ = local_search(plain_obj, tied(st, count), K)
+    obj = SourceObjective(st, objective, ctx)
+    M = len(plain)
+    flat = np.repeat(plain, count)                       # band model i * count + b
+    plain_value = value = float(np.nan_to_num(obj.values(flat[None] / K)[0], nan=-np.inf))
+    for _ in range(MAX_SWEEPS):
+        counter["sweeps"] += 1
+        moved = False
+        for b in range(count):
+            flat, value, moves = ascend(obj, flat, K, cols=np.arange(M) * count + b, value=value)
+            moved = moved or moves > 0
+        if not moved:
+            break
+    counter["points"] += plain_obj.scored + obj.scored
+    return flat.reshape(M, count).T / K, value, plain / K, plain_value
+
+
+def search_bands(stats: list[SourceStats], count: int, step: float, objective: str,
+                 search_mode: str = "auto") -> BandSearch:
+    check_search(objective, search_mode, "band-blend")
+    K = grid_divisions(step)
+    modes = search_modes([len(st.models) // count for st in stats], step, search_mode, "band-blend")
+    grids = [simplex_grid(len(st.models) // count, step) if mode == "exhaustive" else None
+             for st, mode in zip(stats, modes)]
     contexts = frame_contexts(stats, objective)
     counter = {"points": 0, "sweeps": 0}
     masks = [blend_sounds(st, np.ones((1, len(st.models))))[0] for st in stats]
     converged = objective == "usdr"
     for rounds in range(1, MAX_ROUNDS + 1):
         ctx = contexts(masks)
-        found = [_ascend(st, g, count, objective, c, counter) for st, g, c in zip(stats, grids, ctx)]
+        found = [_ascend(st, g, count, objective, c, counter) if g is not None else
+                 _ascend_local(st, count, K, objective, c, counter) for st, g, c in zip(stats, grids, ctx)]
         new_masks = [blend_sounds(st, _flat(f[0])[None])[0] for st, f in zip(stats, found)]
         if objective == "usdr" or all(np.array_equal(a, b) for a, b in zip(masks, new_masks)):
             converged = True
@@ -243,7 +296,7 @@ def search_bands(stats: list[SourceStats], count: int, step: float, objective: s
         single.append({m // count: float(score(st, np.repeat(eye[i][None], count, axis=1),
                                                objective, c)[0]) for i, m in enumerate(models)})
     return BandSearch(weights, best, plain, plain_best, single, rounds, counter["sweeps"],
-                      counter["points"], converged)
+                      counter["points"], converged, modes)
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -289,10 +342,12 @@ def _markdown(spec: InputSpec, config: dict) -> str:
 
 def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, bands: int = 8,
                       scale: str = "mel", step: float = 0.05, objective: str = "museval",
-                      split: str = "select", run_dir: str | Path | None = None,
-                      progress: bool = True) -> dict:
+                      split: str = "select", search_mode: str = "auto",
+                      run_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Search band weights on `split`; write `run_dir` (config.json, weights.md) when given."""
+    check_search(objective, search_mode, "band-blend")
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
+    search_modes([len(p) for p in source_models(spec)], step, search_mode, "band-blend")
     info = store.dataset_info(dataset_id)
     rate = int(info.get("sample_rate", 44100))
     bins, hz = band_edges(bands, scale, rate)
@@ -302,13 +357,13 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
     pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
              for t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
     stats = collect_band_stats(pairs, spec, bins, rate)
-    found = search_bands(stats, bands, step, objective)
+    found = search_bands(stats, bands, step, objective, search_mode)
 
     table = source_models(spec)
     weights = {t: {spec.model_keys[m]: [round(float(v), 6) for v in found.weights[j][:, i]]
                    for i, (m, _) in enumerate(table[j])} for j, t in enumerate(spec.targets)}
     config = {"method": METHOD, "dataset": dataset_id, "rate": rate, "split": split, "step": step,
-              "objective": objective, "frame": rate,
+              "objective": objective, "search_mode": search_mode, "frame": rate,
               "bands": {"count": bands, "scale": scale, "bins": [int(b) for b in bins],
                         "edges_hz": [round(float(h), 1) for h in hz]},
               "stft": {"n_fft": N_FFT, "hop": HOP, "window": "hann"},
@@ -326,7 +381,8 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
                                     for m, k in enumerate(spec.model_keys)},
                   "tracks": [t.name for t in tracks]},
               "search": {"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
-                         "converged": found.converged}}
+                         "converged": found.converged,
+                         "modes": {t: found.modes[j] for j, t in enumerate(spec.targets)}}}
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)

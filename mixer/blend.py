@@ -25,10 +25,23 @@ which couples the sources' searches; they are solved coordinate-wise: search eve
 the others' masks fixed, then again with the masks of the weights found, until those masks stop
 changing (usually at once: a mask only moves when a blend drops every model that sounds in some
 frame). The reported objective is exact for the final weights.
+
+Search modes (`search_mode`). The grid has C(1/step + M - 1, M - 1) points: 10 626 for 5 models
+at step 0.05, 8.5e7 for 12, 6.9e10 for 20. 'exhaustive' scores all of them (the exact grid
+optimum; refused, before allocating, when the grid would pass GRID_BYTES). 'local' starts from
+the exact least-squares blend (the convex, uSDR-like objective sum_t |r - s_hat|^2 / |r|^2 over
+the tracks, minimised on the simplex by mixer.simplex's active set, then taken to the nearest grid
+point) and from the best single model, and climbs from each by exchange moves (move any number
+of steps of weight from one model to another: K (M - 1) neighbours, scored at once and
+incrementally), always to the best neighbour while it gains, keeping the better end point. Its
+cost is polynomial in M and linear in frames; every move gains, so the result never scores
+below the best single model nor the least-squares grid point on the search split; it is a grid
+point at which no exchange move gains, not a certificate of the global grid optimum. 'auto'
+(the default) is 'exhaustive' up to AUTO_POINTS points per source, else 'local'. Scoring runs
+in chunks of at most CELLS (points x frames), so memory does not depend on the grid.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -38,36 +51,24 @@ import numpy as np
 from core.errors import PipelineError
 from core.store import StemStore, write_json_atomic
 from mixer.inputs import InputSpec
+from mixer.simplex import (
+    exchange_moves,
+    grid_divisions,
+    grid_size,
+    nearest_grid_point,
+    simplex_grid,
+    simplex_least_squares,
+)
 
 OBJECTIVES = ("museval", "usdr")
+SEARCH_MODES = ("auto", "exhaustive", "local")
 MAX_ROUNDS = 5
 FRAMES_PER_BLOCK = 16  # frames converted to float64 at once: bounds memory on long tracks
-
-
-# ---- the grid --------------------------------------------------------------------------------
-def grid_divisions(step: float) -> int:
-    """K = 1 / step, the number of steps from 0 to 1; a step that does not divide 1 is an error."""
-    if not 0 < step <= 1:   # 0 would divide by zero, NaN compares false
-        raise PipelineError(f"blend step {step}: must be in (0, 1] and divide 1 (e.g. 0.1, 0.05, 0.01)")
-    K = round(1.0 / step)
-    if K < 1 or abs(K * step - 1.0) > 1e-9:
-        raise PipelineError(f"blend step {step}: must divide 1 (e.g. 0.1, 0.05, 0.01)")
-    return K
-
-
-def simplex_grid(n_models: int, step: float) -> np.ndarray:
-    """Every w >= 0 with sum 1 whose entries are multiples of `step`: [P, n_models] float64.
-
-    Stars and bars: choosing the positions of n_models - 1 bars among K + n_models - 1 slots
-    enumerates each composition of K = 1/step exactly once, in lexicographic order.
-    """
-    K = grid_divisions(step)
-    if n_models == 1:
-        return np.ones((1, 1))
-    bars = np.array(list(itertools.combinations(range(K + n_models - 1), n_models - 1)))
-    edges = np.concatenate([np.full((len(bars), 1), -1), bars,
-                            np.full((len(bars), 1), K + n_models - 1)], axis=1)
-    return (np.diff(edges, axis=1) - 1) / K
+ROW_FRAMES = 64        # ... and at most this many rows x frames (many models)
+AUTO_POINTS = 20_000   # 'auto' is exhaustive up to this grid size: M <= 5 at step 0.05, M <= 8 at 0.1
+GRID_BYTES = 512 << 20  # an exhaustive search's grids and objective values, at most
+CELLS = 1 << 21        # grid points x frames scored at once (float64 arrays of 16 MiB)
+TOLERANCE = 1e-9       # dB: a local move must gain more than float noise
 
 
 # ---- per-frame statistics --------------------------------------------------------------------
@@ -137,6 +138,8 @@ def collect_stats(tracks: Iterable[tuple[np.ndarray, Sequence[np.ndarray]]], spe
     A model's stems need only `stems[k][:, a:b]` (mixer.bandblend passes band signals that way).
     """
     table = source_models(spec)
+    # a frame's Gram matrix does not depend on the block it is computed in; many models, fewer frames
+    frames_per_block = max(1, min(frames_per_block, ROW_FRAMES // (1 + max(map(len, table)))))
     keys = ("rr", "ref_silent", "silent", "b", "G", "track", "full")
     acc = [{k: [] for k in keys} for _ in table]
     n_tracks = 0
@@ -196,33 +199,75 @@ def blend_sounds(st: SourceStats, W: np.ndarray) -> np.ndarray:
     return ((W > 0).astype(np.float64) @ (~st.silent[st.full]).T.astype(np.float64)) > 0
 
 
-def score(st: SourceStats, W: np.ndarray, objective: str, context: np.ndarray | None = None,
-          chunk: int = 512) -> np.ndarray:
-    """Objective of every grid point (rows of W) for one source: [P].
+class SourceObjective:
+    """The objective of any weights for one source, the other sources' masks fixed.
 
     context: [F_full] bool, frames not already invalidated by the references or by the other
-    sources' estimates (museval only).
+    sources' estimates (museval only). values(W) scores points (rows of W); moves(...) scores the
+    exchange moves from one point, incrementally: with g = b - G w, the error energy of
+    w + a (e_j - e_i) is err(w) - 2 a (g_j - g_i) + a^2 (G_ii + G_jj - 2 G_ij), O(frames) per move.
+    Both work in chunks of at most CELLS points x frames.
     """
-    out = np.empty(len(W))
-    for i in range(0, len(W), chunk):
-        Wc = W[i:i + chunk]
+
+    def __init__(self, st: SourceStats, objective: str, context: np.ndarray | None = None):
+        self.objective = objective
         if objective == "usdr":
-            tot = st.totals
-            err = _error_energy(tot["rr"], tot["b"], tot["G"], Wc)
-            out[i:i + chunk] = np.mean(10 * np.log10((tot["rr"][None] + 1e-7) / (err + 1e-7)), axis=1)
-            continue
-        f = st.full
-        rr = st.rr[f]
-        err = _error_energy(rr, st.b[f], st.G[f], Wc)
+            self.rr, self.b, self.G = st.totals["rr"], st.totals["b"], st.totals["G"]
+        else:
+            f = st.full
+            self.rr, self.b, self.G = st.rr[f], st.b[f], st.G[f]
+            self.sounds = (~st.silent[f]).T.astype(np.float64)     # [M, F_full]
+            self.context = context
+            tracks = st.track[f]
+            self.groups = [np.flatnonzero(tracks == t) for t in range(st.n_tracks) if np.any(tracks == t)]
+        self.rows = max(1, min(512, CELLS // max(1, len(self.rr))))
+        self.scored = 0
+
+    def of_error(self, err: np.ndarray, W: np.ndarray) -> np.ndarray:
+        """[P] from the error energies [P, rows] of the points W."""
+        if self.objective == "usdr":
+            return np.mean(10 * np.log10((self.rr[None] + 1e-7) / (err + 1e-7)), axis=1)
         # A perfect frame (+inf) is skipped like a NaN one, as in museval's aggregation.
-        valid = blend_sounds(st, Wc) & context[None] & (err > 0)
+        valid = (((W > 0).astype(np.float64) @ self.sounds) > 0) & self.context[None] & (err > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            sdr = np.where(valid, 10 * np.log10(rr[None] / err), np.nan)
-        tracks = st.track[f]
-        per_track = np.stack([nanmedian_rows(sdr[:, tracks == t]) for t in range(st.n_tracks)
-                              if np.any(tracks == t)], axis=1)
-        out[i:i + chunk] = nanmedian_rows(per_track)
-    return out
+            sdr = np.where(valid, 10 * np.log10(self.rr[None] / err), np.nan)
+        per_track = np.stack([nanmedian_rows(sdr[:, g]) for g in self.groups], axis=1)
+        return nanmedian_rows(per_track)
+
+    def values(self, W: np.ndarray) -> np.ndarray:
+        out = np.empty(len(W))
+        for i in range(0, len(W), self.rows):
+            Wc = W[i:i + self.rows]
+            out[i:i + self.rows] = self.of_error(_error_energy(self.rr, self.b, self.G, Wc), Wc)
+        self.scored += len(W)
+        return out
+
+    def moves(self, counts: np.ndarray, K: int, src: np.ndarray, dst: np.ndarray,
+              steps: np.ndarray) -> np.ndarray:
+        """[P]: the point counts / K with steps[p] / K of weight moved from src[p] to dst[p]."""
+        w = counts / K
+        Gw = self.G @ w
+        g = self.b - Gw                                            # [rows, M]
+        err0 = self.rr - 2.0 * (self.b @ w) + Gw @ w
+        diag = np.einsum("rmm->rm", self.G)
+        out = np.empty(len(src))
+        for i in range(0, len(src), self.rows):
+            s, d, n = src[i:i + self.rows], dst[i:i + self.rows], steps[i:i + self.rows]
+            a = n / K
+            curvature = diag[:, s] + diag[:, d] - 2.0 * self.G[:, s, d]
+            err = np.maximum(err0[:, None] - 2.0 * a * (g[:, d] - g[:, s]) + a * a * curvature, 0.0)
+            moved = np.repeat(counts[None], len(s), axis=0)
+            rows = np.arange(len(s))
+            moved[rows, s] -= n
+            moved[rows, d] += n
+            out[i:i + self.rows] = self.of_error(err.T, moved / K)
+        self.scored += len(src)
+        return out
+
+
+def score(st: SourceStats, W: np.ndarray, objective: str, context: np.ndarray | None = None) -> np.ndarray:
+    """Objective of every grid point (rows of W) for one source: [P]."""
+    return SourceObjective(st, objective, context).values(W)
 
 
 # ---- the search ------------------------------------------------------------------------------
@@ -240,6 +285,96 @@ def frame_contexts(stats: list[SourceStats], objective: str):
     return contexts
 
 
+def check_search(objective: str, search_mode: str, what: str = "blend") -> None:
+    if objective not in OBJECTIVES:
+        raise PipelineError(f"{what} objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
+    if search_mode not in SEARCH_MODES:
+        raise PipelineError(f"{what} search mode '{search_mode}': choose one of {', '.join(SEARCH_MODES)}")
+
+
+def search_modes(sizes: Sequence[int], step: float, search_mode: str, what: str = "blend") -> list[str]:
+    """Per source (its number of models), 'exhaustive' or 'local'; an exhaustive search whose
+    grids would pass GRID_BYTES is refused here, before anything is allocated."""
+    K = grid_divisions(step)
+    modes = [search_mode if search_mode != "auto" else
+             "exhaustive" if grid_size(M, K) <= AUTO_POINTS else "local" for M in sizes]
+    exhaustive = [M for M, mode in zip(sizes, modes) if mode == "exhaustive"]
+    # the grid (int64 counts, then float64 weights: twice) once per size, its values per source
+    need = sum(16 * M * grid_size(M, K) for M in set(exhaustive)) + sum(8 * grid_size(M, K) for M in exhaustive)
+    if need > GRID_BYTES:
+        M = max(exhaustive)
+        raise PipelineError(f"{what}: an exhaustive search over {M} models at step {step} scores "
+                            f"{grid_size(M, K):,} grid points per source ({need / 2**30:.1f} GiB; "
+                            f"at most {GRID_BYTES / 2**30:.1f} GiB): use search mode 'local' or "
+                            f"'auto', or a coarser step")
+    return modes
+
+
+def least_squares_point(st: SourceStats) -> np.ndarray:
+    """[M] the exact minimiser on the simplex of sum_t |r - s_hat|^2 / |r|^2 over the tracks with
+    a reference that sounds (every track if none does): uSDR's error, each track made scale-free."""
+    rr, b, G = st.totals["rr"], st.totals["b"], st.totals["G"]
+    keep = rr > 0 if np.any(rr > 0) else np.ones(len(rr), bool)
+    inv = 1.0 / np.where(keep, rr, 1.0)[keep]
+    return simplex_least_squares(np.einsum("t,tmn->mn", inv, G[keep]), np.einsum("t,tm->m", inv, b[keep]))
+
+
+def _finite(value: float) -> float:
+    return -np.inf if np.isnan(value) else float(value)
+
+
+def ascend(obj: SourceObjective, counts: np.ndarray, K: int, cols: np.ndarray | None = None,
+           value: float | None = None) -> tuple[np.ndarray, float, int]:
+    """Steepest ascent on the grid by exchange moves among `cols` (whose counts sum to K), from
+    `counts`: (counts, objective, moves made). A move is taken only when its objective, scored
+    directly (not incrementally), gains more than TOLERANCE, so the objective only rises."""
+    cols = np.arange(len(counts)) if cols is None else cols
+    value = _finite(obj.values(counts[None] / K)[0]) if value is None else value
+    moves = 0
+    while True:
+        src, dst, steps = exchange_moves(counts, cols)
+        if not len(src):
+            break
+        gains = np.nan_to_num(obj.moves(counts, K, src, dst, steps), nan=-np.inf)
+        p = int(np.argmax(gains))
+        if not gains[p] > value + TOLERANCE:
+            break
+        new = counts.copy()
+        new[src[p]] -= steps[p]
+        new[dst[p]] += steps[p]
+        new_value = _finite(obj.values(new[None] / K)[0])
+        if not new_value > value + TOLERANCE:
+            break
+        counts, value, moves = new, new_value, moves + 1
+    return counts, value, moves
+
+
+def local_search(obj: SourceObjective, st: SourceStats, K: int,
+                 previous: np.ndarray | None = None) -> tuple[np.ndarray, float, dict]:
+    """Ascend from the least-squares grid point, the best single model (and `previous`, a grid
+    point's counts); keep the best end point, the first on a tie: (counts, objective, details)."""
+    M = len(st.models)
+    ls = least_squares_point(st)
+    singles = obj.values(np.eye(M))
+    starts = {"least-squares": nearest_grid_point(ls, K),
+              "single": K * np.eye(M, dtype=np.int64)[int(np.argmax(np.nan_to_num(singles, nan=-np.inf)))]}
+    if previous is not None:
+        starts["previous"] = previous
+    best, details = None, {"least_squares_weights": [round(float(x), 6) for x in ls], "starts": {}}
+    seen = []
+    for name, start in starts.items():
+        if any(np.array_equal(start, s) for s in seen):
+            continue
+        seen.append(start)
+        start_value = _finite(obj.values(start[None] / K)[0])
+        counts, value, moves = ascend(obj, start, K, value=start_value)
+        details["starts"][name] = {"objective": start_value, "reached": value, "moves": moves}
+        if best is None or value > best[1]:
+            best = (counts, value, name)
+    details["from"] = best[2]
+    return best[0], best[1], details
+
+
 @dataclass
 class BlendSearch:
     weights: list[np.ndarray]        # per target, [M_j] over SourceStats.models
@@ -247,27 +382,42 @@ class BlendSearch:
     single: list[dict[int, float]]   # per target, {model index: objective of that model alone}
     rounds: int
     converged: bool
-    grids: list[np.ndarray] = field(default_factory=list)    # per target, the grid [P, M_j]
-    values: list[np.ndarray] = field(default_factory=list)   # per target, objective per grid
-                                                             # point, the others at their weights
+    grids: list = field(default_factory=list)    # per target, the grid [P, M_j] (exhaustive) or None
+    values: list = field(default_factory=list)   # per target, objective per grid point, the others
+                                                 # at their weights (exhaustive) or None
+    modes: list[str] = field(default_factory=list)     # per target, exhaustive | local
+    details: list[dict] = field(default_factory=list)  # per target: points scored, starts, moves
 
 
-def search(stats: list[SourceStats], step: float, objective: str) -> BlendSearch:
-    if objective not in OBJECTIVES:
-        raise PipelineError(f"blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
-    grids = [simplex_grid(len(st.models), step) for st in stats]
+def search(stats: list[SourceStats], step: float, objective: str, search_mode: str = "auto") -> BlendSearch:
+    check_search(objective, search_mode)
+    K = grid_divisions(step)
+    modes = search_modes([len(st.models) for st in stats], step, search_mode)
+    grid_of = {M: simplex_grid(M, step) for M, mode in
+               zip([len(st.models) for st in stats], modes) if mode == "exhaustive"}
+    grids = [grid_of.get(len(st.models)) for st in stats]
     contexts = frame_contexts(stats, objective)
+
+    def one(j: int, ctx: np.ndarray, previous: np.ndarray | None):
+        """(weights, objective values of the grid or None, details) of source j."""
+        obj = SourceObjective(stats[j], objective, ctx)
+        if modes[j] == "exhaustive":
+            values = obj.values(grids[j])
+            w = grids[j][int(np.argmax(np.nan_to_num(values, nan=-np.inf)))]
+            return w, values, {"points": obj.scored}
+        counts, _, details = local_search(obj, stats[j], K, previous)
+        return counts / K, None, {"points": obj.scored, **details}
 
     # Round 0 assumes every other blend sounds wherever any of its models does (true for
     # any interior point of the simplex), then rounds repeat until the masks are self-consistent.
     masks = [blend_sounds(st, np.ones((1, len(st.models))))[0] for st in stats]
-    rounds, converged = 0, objective == "usdr"
+    rounds, converged, found = 0, objective == "usdr", [None] * len(stats)
     while True:
         rounds += 1
         ctx = contexts(masks)
-        values = [score(st, g, objective, c) for st, g, c in zip(stats, grids, ctx)]
-        picks = [int(np.argmax(np.nan_to_num(v, nan=-np.inf))) for v in values]
-        weights = [g[p] for g, p in zip(grids, picks)]
+        found = [one(j, c, None if f is None else np.round(f[0] * K).astype(np.int64))
+                 for j, (c, f) in enumerate(zip(ctx, found))]
+        weights = [f[0] for f in found]
         new_masks = [blend_sounds(st, w[None])[0] for st, w in zip(stats, weights)]
         if objective == "usdr" or all(np.array_equal(a, b) for a, b in zip(masks, new_masks)):
             converged = True
@@ -275,8 +425,10 @@ def search(stats: list[SourceStats], step: float, objective: str) -> BlendSearch
         masks = new_masks
         if rounds == MAX_ROUNDS:
             break
+    values = [f[1] for f in found]
     if not converged:   # the last round's values assumed other masks: rescore for the record
-        values = [score(st, g, objective, c) for st, g, c in zip(stats, grids, contexts(new_masks))]
+        values = [None if g is None else score(st, g, objective, c)
+                  for st, g, c in zip(stats, grids, contexts(new_masks))]
     ctx = contexts(new_masks)
     best = [float(score(st, w[None], objective, c)[0]) for st, w, c in zip(stats, weights, ctx)]
 
@@ -290,7 +442,8 @@ def search(stats: list[SourceStats], step: float, objective: str) -> BlendSearch
             vertex = np.eye(len(st.models))[col][None]
             scores[m] = float(score(st, vertex, objective, contexts(own)[j])[0])
         single.append(scores)
-    return BlendSearch(weights, best, single, rounds, converged, grids, values)
+    details = [{"grid_points": grid_size(len(st.models), K), **f[2]} for st, f in zip(stats, found)]
+    return BlendSearch(weights, best, single, rounds, converged, grids, values, modes, details)
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -334,13 +487,33 @@ def _markdown(spec: InputSpec, table: dict, best: dict, single: dict, objective:
                       f"(dB)", "", *head, *scores, ""])
 
 
+GUARANTEES = {"exhaustive": "the grid's optimum",
+              "local": "no exchange move gains; not below the best single model nor the "
+                       "least-squares grid point"}
+
+
+def search_record(found, spec: InputSpec, stats: list[SourceStats], extra: dict | None = None) -> dict:
+    """config.json's "search": how each source was searched, what that guarantees, its cost."""
+    per_source = {}
+    for target, st, mode, d in zip(spec.targets, stats, found.modes, found.details):
+        d = dict(d)
+        if "least_squares_weights" in d:
+            d["least_squares_weights"] = {spec.model_keys[m]: w for m, w in
+                                          zip(st.models, d["least_squares_weights"])}
+        per_source[target] = {"mode": mode, "guarantee": GUARANTEES[mode], **d}
+    return {"rounds": found.rounds, "converged": found.converged, **(extra or {}),
+            "sources": per_source}
+
+
 def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: float = 0.05,
-                 objective: str = "museval", split: str = "valid",
+                 objective: str = "museval", split: str = "valid", search_mode: str = "auto",
                  run_dir: str | Path | None = None) -> dict:
     """Search blend weights on `split`; write `run_dir` (config.json, weights.json, weights.md)
     when given; return the config."""
+    check_search(objective, search_mode)
     grid_divisions(step)   # a bad step fails before minutes of reading stems
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
+    search_modes([len(p) for p in source_models(spec)], step, search_mode)   # ... a huge grid too
     info = store.dataset_info(dataset_id)
     win = int(info.get("sample_rate", 44100))   # museval's 1-s frames
     tracks = store.tracks(dataset_id, split)
@@ -349,7 +522,7 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
     pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
              for t in tracks)
     stats = collect_stats(pairs, spec, win)
-    found = search(stats, step, objective)
+    found = search(stats, step, objective, search_mode)
 
     weights = {t: {spec.model_keys[m]: round(float(w), 6) for m, w in zip(st.models, found.weights[j])}
                for j, (t, st) in enumerate(zip(spec.targets, stats))}
@@ -358,13 +531,13 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
     single = {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
               for m, k in enumerate(spec.model_keys)}
     config = {"method": "blend", "dataset": dataset_id, "split": split, "step": step,
-              "objective": objective, "frame": win, "inputs": spec.to_dict(),
+              "objective": objective, "search_mode": search_mode, "frame": win, "inputs": spec.to_dict(),
               "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
                          zip(spec.model_keys, spec.model_names, spec.model_sources)],
               "sources": list(spec.targets), "weights": weights,
               "validation": {"blend": best, "single_models": single,
                              "tracks": [t.name for t in tracks]},
-              "search": {"rounds": found.rounds, "converged": found.converged}}
+              "search": search_record(found, spec, stats)}
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
