@@ -63,8 +63,8 @@ def simplex_least_squares(A: np.ndarray, c: np.ndarray) -> np.ndarray:
     constrained problem on S (A_SS z + nu 1 = c_S, sum z = 1); if some z is not positive, step
     from w towards z until a weight reaches 0 and drop it; else w = z, and add the model whose
     gradient most violates optimality (c_j - (A w)_j > nu), until none does: then the KKT
-    conditions hold and w is the minimum. A ridge of 1e-12 of the mean diagonal makes A positive
-    definite (so the minimum is unique and identical models share their weight).
+    conditions hold and w is the minimum. A ridge of 1e-12 of the mean diagonal keeps the solves
+    regular when A is singular (identical models: one of them takes the pair's weight).
     """
     M = len(c)
     scale = max(float(np.trace(A)) / M, 1e-300)
