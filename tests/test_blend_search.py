@@ -16,6 +16,7 @@ from mixer.blend import (
     search,
     search_blend,
     search_modes,
+    silent_frames,
 )
 from mixer.inputs import InputSpec
 from mixer.simplex import (
@@ -61,6 +62,25 @@ def test_grid_points_and_moves():
     for w in np.random.default_rng(0).dirichlet(np.ones(7), 200):
         c = nearest_grid_point(w, 20)
         assert c.sum() == 20 and c.min() >= 0 and np.abs(c / 20 - w).max() < 1 / 20
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_silence_on_the_bits_is_museval_silence(dtype):
+    """L + R == 0 at every sample, tested on the bits, equals the test in float64 arithmetic:
+    opposite samples, +0/-0 pairs, subnormals, one sample off."""
+    rng = np.random.default_rng(0)
+    frames, length = 12, 50
+    a = rng.standard_normal((2, frames, length)).astype(dtype)
+    a[1, :6] = -a[0, :6]                                  # frames 0-5 silent ...
+    a[:, 1] = 0
+    a[0, 2], a[1, 2] = 0.0, -0.0                          # signed zeros
+    a[0, 3] = np.finfo(dtype).smallest_subnormal
+    a[1, 3] = -a[0, 3]
+    a[1, 4, 7] = np.nextafter(-a[0, 4, 7], dtype(1))      # ... but frame 4: one sample off
+    a[0, 5, 3] = np.finfo(dtype).smallest_subnormal       # ... and frame 5 too
+    want = ~np.any(a[0].astype(np.float64) + a[1].astype(np.float64) != 0, axis=-1)
+    got = silent_frames(a.reshape(2, -1), frames, length)
+    assert np.array_equal(got, want) and list(np.flatnonzero(got)) == [0, 1, 2, 3]
 
 
 # ---- least squares on the simplex ------------------------------------------------------------
