@@ -331,7 +331,7 @@ def least_squares_point(st: SourceStats) -> np.ndarray:
     a reference that sounds (every track if none does): uSDR's error, each track made scale-free."""
     rr, b, G = st.totals["rr"], st.totals["b"], st.totals["G"]
     keep = rr > 0 if np.any(rr > 0) else np.ones(len(rr), bool)
-    inv = 1.0 / np.where(keep, rr, 1.0)[keep]
+    inv = 1.0 / np.where(rr > 0, rr, 1.0)[keep]
     return simplex_least_squares(np.einsum("t,tmn->mn", inv, G[keep]), np.einsum("t,tm->m", inv, b[keep]))
 
 

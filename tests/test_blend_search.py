@@ -199,6 +199,18 @@ def test_local_search_finds_the_analytic_optimum_within_a_step(M, objective):
         assert start["reached"] >= start["objective"]
 
 
+def test_a_source_silent_in_every_track_still_searches():
+    """No reference energy anywhere (vocals absent from the split): the least-squares weights
+    fall back to unweighted tracks instead of dividing by zero."""
+    stats, _ = constructed(6, 0, tracks=2, frames=3)
+    st = stats[0]
+    st.totals["rr"][:] = 0
+    w = least_squares_point(st)
+    assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-12
+    found = search(stats, 0.05, "usdr", "local")
+    assert np.isfinite(found.best[0]) and abs(found.weights[0].sum() - 1) < 1e-12
+
+
 def test_auto_keeps_the_exhaustive_grid_where_affordable_and_refuses_a_huge_one():
     assert search_modes([5, 5, 3, 1], 0.05, "auto") == ["exhaustive"] * 4
     assert search_modes([8, 9], 0.1, "auto") == ["exhaustive", "local"]
