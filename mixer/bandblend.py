@@ -20,11 +20,11 @@ at step 0.05), so it is searched by coordinate ascent: start from the plain blen
 (every band alike), then for one band at a time try its whole simplex grid with the other bands
 fixed and keep the best, sweeping the bands until none changes. Every accepted move improves the
 objective on the search split, so the result is never below the plain blend there. Silence
-masks couple the sources as in mixer.blend.search: rounds repeat until they are consistent.
+masks couple the sources as in mixer.blendsearch.search: rounds repeat until they are consistent.
 
-Where one band's simplex grid is too large to score whole (mixer.blend's search modes: 'auto'
+Where one band's simplex grid is too large to score whole (mixer.blendsearch's modes: 'auto'
 goes 'local' above AUTO_POINTS points, e.g. 6 models at step 0.05), the plain blend is
-mixer.blend's local search on the models' whole signals (the band signals summed), and each
+mixer.blendsearch's local search on the models' whole signals (the band signals summed), and each
 band's step is an exchange-move ascent within the band instead of its whole grid: the same
 guarantee (never below the plain blend), at a cost polynomial in the number of models.
 """
@@ -41,21 +41,19 @@ from core.chunking import segment_of
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, write_json_atomic
-from mixer.blend import (
+from mixer.blend import collect_stats, source_models
+from mixer.blendsearch import (
     SourceObjective,
     SourceStats,
     ascend,
     blend_sounds,
     check_search,
-    collect_stats,
     frame_contexts,
     local_search,
     score,
     search_modes,
-    simplex_grid,
-    source_models,
 )
-from mixer.simplex import grid_divisions
+from mixer.simplex import grid_divisions, simplex_grid
 from mixer.inputs import InputSpec
 from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
 
@@ -189,7 +187,7 @@ class BandSearch:
     sweeps: int                   # band sweeps, all targets and rounds
     points: int                   # grid points scored
     converged: bool
-    modes: list[str] | None = None   # per target, exhaustive | local (mixer.blend's search modes)
+    modes: list[str] | None = None   # per target, exhaustive | local (mixer.blendsearch's modes)
 
 
 def _flat(w: np.ndarray) -> np.ndarray:
@@ -243,7 +241,7 @@ def tied(st: SourceStats, count: int) -> SourceStats:
 
 
 def _ascend_local(st: SourceStats, count: int, K: int, objective: str, ctx, counter: dict):
-    """_ascend for a grid too large to score whole: the plain blend by mixer.blend's local search,
+    """_ascend for a grid too large to score whole: the plain blend by mixer.blendsearch's local search,
     then per band an exchange-move ascent among that band's weights, the other bands fixed."""
     plain_obj = SourceObjective(tied(st, count), objective, ctx)
     plain, _, _ = local_search(plain_obj, tied(st, count), K)

@@ -6,7 +6,7 @@ whose addition scores best, while the gain exceeds `min_gain` dB; optionally it 
 one at a time, any model whose removal costs at most `min_gain`. The score of a set is the mean
 over the dataset's sources of
 
-* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blend's search, in its
+* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blendsearch's search, in its
   `search_mode`: the exhaustive grid while it is small, else the local search, so pools of 20
   and more stay affordable; from one pass of per-frame inner products over all candidates; a
   set in which no model outputs some source is not a system and is never chosen);
@@ -38,15 +38,8 @@ import numpy as np
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
-from mixer.blend import (
-    check_search,
-    collect_stats,
-    frame_blocks,
-    grams,
-    nanmedian_rows,
-    search,
-    search_modes,
-)
+from mixer.blend import collect_stats, frame_blocks, grams
+from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
 from mixer.inputs import (
     InputSpec,
     assemble_inputs,

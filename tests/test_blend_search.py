@@ -8,16 +8,8 @@ import pytest
 from test_mixer import SOURCES, make_store
 
 from core.errors import PipelineError
-from mixer.blend import (
-    AUTO_POINTS,
-    collect_stats,
-    least_squares_point,
-    score,
-    search,
-    search_blend,
-    search_modes,
-    silent_frames,
-)
+from mixer.blend import collect_stats, search_blend, silent_frames
+from mixer.blendsearch import AUTO_POINTS, least_squares_point, score, search, search_modes
 from mixer.inputs import InputSpec
 from mixer.simplex import (
     exchange_moves,

@@ -10,7 +10,9 @@ import torch
 from core.metrics import framewise_sdr, median_over_tracks, track_median, usdr
 from core.store import StemStore, TrackEntry, write_json_atomic
 from mixer.apply import apply_run, export_weights
-from mixer.blend import apply_blend, collect_stats, search, search_blend, simplex_grid
+from mixer.blend import apply_blend, collect_stats, search_blend
+from mixer.blendsearch import search
+from mixer.simplex import simplex_grid
 from mixer.inputs import (
     InputSpec,
     NormalisedInputs,
