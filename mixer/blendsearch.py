@@ -9,12 +9,11 @@ the tracks, minimised on the simplex by mixer.simplex's active set, then taken t
 point), from the uniform blend and from the best single models, and climbs from each by exchange
 moves (move any number of steps of weight from one model to another: K (M - 1) neighbours, scored
 at once and incrementally), always to the best neighbour while it gains, keeping the best end
-point. Its
-cost is polynomial in M and linear in frames; every move gains, so the result never scores
-below the best single model nor the least-squares grid point on the search split; it is a grid
-point at which no exchange move gains, not a certificate of the global grid optimum. 'auto'
-(the default) is 'exhaustive' up to AUTO_POINTS points per source, else 'local'. Scoring runs
-in chunks of at most CELLS (points x frames), so memory does not depend on the grid.
+point. Its cost is polynomial in M and linear in frames; every move gains, so the result never
+scores below the best single model nor the least-squares grid point on the search split; it is
+a grid point at which no exchange move gains, not a certificate of the global grid optimum.
+'auto' (the default) is 'exhaustive' up to AUTO_POINTS points per source, else 'local'. Scoring
+runs in chunks of at most CELLS (points x frames), so memory does not depend on the grid.
 """
 from __future__ import annotations
 
@@ -251,7 +250,8 @@ def local_search(obj: SourceObjective, st: SourceStats, K: int,
     """Ascend from the least-squares grid point, the uniform blend, the START_SINGLES best single
     models (and `previous`, a grid point's counts); keep the best end point, the first on a tie:
     (counts, objective, details). The museval objective is a median: rugged, with distant points
-    within 0.01 dB of each other, so several starts find the grid optimum more often than one."""
+    within thousandths of a dB of each other, so several starts find the grid optimum more often
+    than one."""
     M = len(st.models)
     ls = least_squares_point(st)
     singles = np.nan_to_num(obj.values(np.eye(M)), nan=-np.inf)
@@ -304,14 +304,17 @@ def search(stats: list[SourceStats], step: float, objective: str, search_mode: s
         if modes[j] == "exhaustive":
             values = obj.values(grids[j])
             w = grids[j][int(np.argmax(np.nan_to_num(values, nan=-np.inf)))]
-            return w, values, {"points": obj.scored}
-        counts, _, details = local_search(obj, stats[j], K, previous)
-        return counts / K, None, {"points": obj.scored, **details}
+            details = {}
+        else:
+            counts, _, details = local_search(obj, stats[j], K, previous)
+            w, values = counts / K, None
+        scored[j] += obj.scored
+        return w, values, details
 
     # Round 0 assumes every other blend sounds wherever any of its models does (true for
     # any interior point of the simplex), then rounds repeat until the masks are self-consistent.
     masks = [blend_sounds(st, np.ones((1, len(st.models))))[0] for st in stats]
-    rounds, converged, found = 0, objective == "usdr", [None] * len(stats)
+    rounds, converged, found, scored = 0, objective == "usdr", [None] * len(stats), [0] * len(stats)
     while True:
         rounds += 1
         ctx = contexts(masks)
@@ -342,5 +345,6 @@ def search(stats: list[SourceStats], step: float, objective: str, search_mode: s
             vertex = np.eye(len(st.models))[col][None]
             scores[m] = float(score(st, vertex, objective, contexts(own)[j])[0])
         single.append(scores)
-    details = [{"grid_points": grid_size(len(st.models), K), **f[2]} for st, f in zip(stats, found)]
+    details = [{"grid_points": grid_size(len(st.models), K), "points": n, **f[2]}   # points: all rounds
+               for st, f, n in zip(stats, found, scored)]
     return BlendSearch(weights, best, single, rounds, converged, grids, values, modes, details)
