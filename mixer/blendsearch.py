@@ -80,12 +80,12 @@ def _error_energy(rr, b, G, W):
 
 
 def nanmedian_rows(x: np.ndarray) -> np.ndarray:
-    """Median of each row ignoring NaN (NaN for an all-NaN row), without np.nanmedian's slow
+    """Median along the last axis ignoring NaN (NaN where all are), without np.nanmedian's slow
     per-row path for long rows: sort (NaN last) and take the middle of the valid prefix."""
-    s = np.sort(x, axis=1)
-    k = (~np.isnan(x)).sum(axis=1)
-    lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0)[:, None], axis=1)[:, 0]
-    hi = np.take_along_axis(s, np.minimum(k // 2, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+    s = np.sort(x, axis=-1)
+    k = (~np.isnan(x)).sum(axis=-1)
+    lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(s, np.minimum(k // 2, x.shape[-1] - 1)[..., None], axis=-1)[..., 0]
     return np.where(k > 0, (lo + hi) / 2, np.nan)
 
 
@@ -112,10 +112,20 @@ class SourceObjective:
         else:
             f = st.full
             self.rr, self.b, self.G = st.rr[f], st.b[f], st.G[f]
-            self.sounds = (~st.silent[f]).T.astype(np.float64)     # [M, F_full]
+            sounds = ~st.silent[f].T                               # [M, F_full]
+            # A blend (weights summing to 1) sounds wherever all its models do: only the frames
+            # where some model is silent need its support (a small product, no BLAS threads
+            # spinning on a tiny matrix).
+            self.some_silent = np.flatnonzero(~sounds.all(axis=0))
+            self.sounds = sounds[:, self.some_silent].astype(np.float64)
             self.context = context
             tracks = st.track[f]
-            self.groups = [np.flatnonzero(tracks == t) for t in range(st.n_tracks) if np.any(tracks == t)]
+            frames = [np.flatnonzero(tracks == t) for t in range(st.n_tracks) if np.any(tracks == t)]
+            # tracks with as many frames as each other: one median over [points, tracks, frames]
+            self.groups = [(np.array([i for i, x in enumerate(frames) if len(x) == n]),
+                            np.stack([x for x in frames if len(x) == n]))
+                           for n in sorted({len(x) for x in frames})]
+            self.n_tracks = len(frames)
         self.rows = max(1, min(512, CELLS // max(1, len(self.rr))))
         self.scored = 0
 
@@ -124,10 +134,14 @@ class SourceObjective:
         if self.objective == "usdr":
             return np.mean(10 * np.log10((self.rr[None] + 1e-7) / (err + 1e-7)), axis=1)
         # A perfect frame (+inf) is skipped like a NaN one, as in museval's aggregation.
-        valid = (((W > 0).astype(np.float64) @ self.sounds) > 0) & self.context[None] & (err > 0)
+        valid = self.context[None] & (err > 0)
+        if len(self.some_silent):
+            valid[:, self.some_silent] &= ((W > 0).astype(np.float64) @ self.sounds) > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             sdr = np.where(valid, 10 * np.log10(self.rr[None] / err), np.nan)
-        per_track = np.stack([nanmedian_rows(sdr[:, g]) for g in self.groups], axis=1)
+        per_track = np.empty((len(W), self.n_tracks))
+        for where, frames in self.groups:
+            per_track[:, where] = nanmedian_rows(sdr[:, frames])
         return nanmedian_rows(per_track)
 
     def values(self, W: np.ndarray) -> np.ndarray:
@@ -141,22 +155,25 @@ class SourceObjective:
     def moves(self, counts: np.ndarray, K: int, src: np.ndarray, dst: np.ndarray,
               steps: np.ndarray) -> np.ndarray:
         """[P]: the point counts / K with steps[p] / K of weight moved from src[p] to dst[p]."""
+        M = self.G.shape[1]
+        if not hasattr(self, "G_by_pair"):   # [M * M, rows]: a move's terms are contiguous rows
+            self.G_by_pair = np.ascontiguousarray(self.G.reshape(len(self.G), -1).T)
         w = counts / K
-        Gw = self.G @ w
-        g = self.b - Gw                                            # [rows, M]
+        Gw = np.einsum("rmn,n->rm", self.G, w)
+        g = np.ascontiguousarray((self.b - Gw).T)                  # [M, rows]
         err0 = self.rr - 2.0 * (self.b @ w) + Gw @ w
-        diag = np.einsum("rmm->rm", self.G)
+        diag = self.G_by_pair[np.arange(M) * (M + 1)]              # [M, rows]
         out = np.empty(len(src))
         for i in range(0, len(src), self.rows):
             s, d, n = src[i:i + self.rows], dst[i:i + self.rows], steps[i:i + self.rows]
-            a = n / K
-            curvature = diag[:, s] + diag[:, d] - 2.0 * self.G[:, s, d]
-            err = np.maximum(err0[:, None] - 2.0 * a * (g[:, d] - g[:, s]) + a * a * curvature, 0.0)
+            a = (n / K)[:, None]
+            curvature = diag[s] + diag[d] - 2.0 * self.G_by_pair[s * M + d]
+            err = np.maximum(err0[None] - 2.0 * a * (g[d] - g[s]) + a * a * curvature, 0.0)
             moved = np.repeat(counts[None], len(s), axis=0)
             rows = np.arange(len(s))
             moved[rows, s] -= n
             moved[rows, d] += n
-            out[i:i + self.rows] = self.of_error(err.T, moved / K)
+            out[i:i + self.rows] = self.of_error(err, moved / K)
         self.scored += len(src)
         return out
 
