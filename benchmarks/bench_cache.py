@@ -45,6 +45,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from goals import check, finish  # noqa: E402
+
 RATE = 44100
 GiB = 1024.0  # MiB
 
@@ -257,7 +260,8 @@ def main() -> None:
         audio = args.tracks * args.seconds * args.rounds
         print(f"{'total':>5} {'':<36} {'':>6} {bare_total:>8.2f} {cache_total:>8.2f} {ratio:>6.3f}")
         print(f"\n(a) cache_model / bare inference: {ratio:.3f}x (median per track "
-              f"{ratios[len(ratios) // 2]:.3f}x; goal <= 1.10x) -> {'PASS' if ratio <= 1.10 else 'FAIL'};"
+              f"{ratios[len(ratios) // 2]:.3f}x; goal <= 1.10x) -> "
+              f"{check(ratio <= 1.10, 'cache_model within 1.10x bare inference')};"
               f" bare runs at {audio / bare_total:.1f}x real time")
         print(f"    ingest (once per dataset, shared by all models): {ingest_s:.2f} s = "
               f"{ingest_s / (bare_total / args.rounds):.3f}x one bare pass over the tracks")
@@ -283,7 +287,7 @@ def main() -> None:
                   f"{'allowed':>8}  check")
             for what, r in res.items():
                 lim = limits[what]
-                ok = "" if lim is None else ("PASS" if r["extra_mib"] <= lim else "FAIL")
+                ok = "" if lim is None else check(r["extra_mib"] <= lim, f"{what} memory")
                 print(f"{labels[what]:<30} {r['seconds']:>7.1f} {r['baseline_mib']:>8.0f}M "
                       f"{r['peak_mib']:>7.0f}M {r['extra_mib']:>9.0f}M "
                       f"{'' if lim is None else f'{lim:.0f}M':>8}  {ok}")
@@ -296,6 +300,7 @@ def main() -> None:
                   f"blocks of <= {BLOCK_SECONDS:g} s cross-faded over {OVERLAP_SECONDS:g} s)")
         print(f"\nsizes: (a) {args.tracks} x {args.seconds:g} s x {args.rounds} rounds took "
               f"{t_a:.0f} s; total {time.perf_counter() - t_all:.0f} s")
+    finish()
 
 
 if __name__ == "__main__":

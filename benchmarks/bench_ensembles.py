@@ -1,7 +1,7 @@
 """Benchmark: the ensembles that train nothing - spectral ensembles' speed, band-wise blend search.
 
 (a) Spectral and order-statistic ensembles (mixer.spectral) of 4 models x 4 sources on a LONG_S-
-    second stereo track (default 60 s), applied through mixer.apply.Mixer on a run folder with
+    second stereo track (default 60 s), applied through mixer.methods.load_mixer on a run folder with
     the stems read from a stem store by positional reads, as `pipeline separate` does: seconds of
     audio per second of compute (x real time) for each method. The track is MUSDB18-7 music (the
     train split's references, concatenated); the 4 "models" are leaky mixtures of those
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_cache import machine_line  # noqa: E402
+from goals import check, finish  # noqa: E402
 
 MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT", REPO.parent / "shared" / "data" / "musdb18-7"))
 MODELS = (("umx-synth", {"niter": 0}), ("xumx-synth", {"niter": 0}), ("demucs-synth", {}))
@@ -56,7 +57,7 @@ def musdb_store(work: Path):
 # ---- (a) ---------------------------------------------------------------------------------------
 def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
     from core.store import StemStore, TrackEntry
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
     from mixer.spectral import METHODS, make_run
 
     rate = 44100
@@ -88,7 +89,7 @@ def bench_spectral(work: Path, store, ds, seconds: float) -> list[dict]:
     for method in METHODS:
         run = work / "runs" / f"bench-{method}"
         make_run(bench, "long", keys, method, run_dir=run)
-        mixer = Mixer(run)
+        mixer = load_mixer(run)
         best = np.inf
         for _ in range(2):   # the better of two: the machine is shared
             with bench.mixture_file("long", track) as mixture:
@@ -120,9 +121,9 @@ def cache_models(store, ds) -> list[str]:
 def rendered_objective(store, ds_id, run: Path, tracks) -> np.ndarray:
     """museval median over frames and tracks per source of the run applied to every track."""
     from core.metrics import framewise_sdr, median_over_tracks, track_median
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
 
-    mixer = Mixer(run)
+    mixer = load_mixer(run)
     rate = store.dataset_info(ds_id)["sample_rate"]
     scores = []
     for t in tracks:
@@ -186,14 +187,14 @@ def print_spectral(rows: list[dict], seconds: float) -> None:
     print(f"\n(a) spectral / order-statistic ensembles, 4 models x 4 sources, {seconds:g} s stereo "
           f"track (goal >= 50x real time)")
     for r in rows:
-        ok = "PASS" if r["realtime"] >= 50 else "below goal"
+        ok = check(r["realtime"] >= 50, f"{r['method']} >= 50x real time")
         print(f"  {r['method']:<12} {r['seconds']:6.2f} s  {r['realtime']:6.1f}x real time  {ok}")
 
 
 def print_band(b: dict, bands: int, step: float) -> None:
     print(f"\n(b) band-blend search, 3 models x {bands} bands x 4 sources, step {step}, "
           f"{b['tracks']} MUSDB18-7 train tracks (goal < 60 s)")
-    print(f"  search {b['t_search']:.1f} s ({'PASS' if b['t_search'] < 60 else 'over goal'}): band "
+    print(f"  search {b['t_search']:.1f} s ({check(b['t_search'] < 60, 'band-blend search < 60 s')}): band "
           f"signals + inner products {b['t_stats']:.1f} s, coordinate ascent {b['t_ascent']:.1f} s "
           f"({b['sweeps']} sweeps, {b['points']} grid points scored)")
     print(f"  rendering + scoring one point on every track: {b['per_point']:.1f} s; the search's "
@@ -231,6 +232,7 @@ def main() -> None:
                   f"({time.perf_counter() - t0:.0f} s)")
             print_band(bench_band_search(work, store, ds, keys, args.bands, args.step), args.bands, args.step)
         print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+    finish()
 
 
 if __name__ == "__main__":

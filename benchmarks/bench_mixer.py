@@ -14,7 +14,7 @@ the three shipped base models (umx-synth, xumx-synth with niter=0 as in the demo
     store through a DataLoader (what train_mixer reads, batch 4), against the segments per second
     each model consumes (forward + L1 loss + backward + Adam step on a batch of 4) - for conv1x1 and
     the MDX-Mixer presets. Ratio > 1: the store keeps the model fed.
-(c) Mixer inference real-time factor. mixer.apply.Mixer (normalise, segments of T with hop T/4,
+(c) Mixer inference real-time factor. mixer.methods.load_mixer (normalise, segments of T with hop T/4,
     Hann overlap-add, de-normalise) on a LONG_S-second track (default 60 s; stems tiled from the
     store): seconds of compute per second of audio, for blend, conv1x1 and MDX-Mixer presets.
 (d) Peak memory of `pipeline separate` on a 10-minute stereo track, each in a fresh subprocess:
@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_cache import machine_line, peak_mib, reset_peak_rss, rss_mib  # noqa: E402
+from goals import check, finish  # noqa: E402
 
 RATE = 44100
 MODELS = (("umx-synth", {"niter": 0}), ("xumx-synth", {"niter": 0}), ("demucs-synth", {}))
@@ -147,9 +148,8 @@ def bench_training_input(store, ds_id, keys, seconds: float):
         loader_rate = got / (time.perf_counter() - t0)
 
         torch.manual_seed(0)
-        model = build_mixer(arch, spec.in_channels, spec.out_channels, T,
-                            None if arch == "conv1x1" else F, None if arch == "conv1x1" else N,
-                            0.0)
+        model = build_mixer(arch, spec.in_channels, spec.out_channels,
+                            {"T": T, "F": F, "N": N, "p": 0.0})
         opt = torch.optim.Adam(model.parameters(), lr=3e-4)
         used, t0, steps = 0, None, 0
         while True:
@@ -186,7 +186,7 @@ def make_run(store, ds_id, keys, arch: str, preset: str, run_dir: Path) -> Path:
 
 
 def bench_inference(store, ds_id, keys, runs: dict, long_s: float):
-    from mixer.apply import Mixer
+    from mixer.methods import load_mixer
 
     t = store.tracks(ds_id, "train")[0]
     n = int(long_s * RATE)
@@ -195,7 +195,7 @@ def bench_inference(store, ds_id, keys, runs: dict, long_s: float):
     stems = {k: tile(store.stems(k, ds_id, t)) for k in keys}   # float16, as in the store
     rows = []
     for name, run_dir in runs.items():
-        m = Mixer(run_dir)
+        m = load_mixer(run_dir)
         m(mixture[:, :RATE], {k: s[..., :RATE] for k, s in stems.items()})   # warm-up
         t0 = time.perf_counter()
         out = m(mixture, stems)
@@ -294,7 +294,8 @@ def bench_separate_memory(store, ds_id, work: Path, runs: dict, minutes: float, 
     worst = max(r["extra_mib"] for r in res.values())
     print(f"    largest peak-base {worst:.0f} MiB = {worst / out_mib:.2f}x the float32 estimates "
           f"({out_mib:.0f} MiB), {worst / x_mib:.2f}x the whole input array X ({x_mib:.0f} MiB); "
-          f"check peak-base <= estimates + 1 GiB -> {'PASS' if worst <= out_mib + 1024 else 'FAIL'}")
+          f"check peak-base <= estimates + 1 GiB -> "
+          f"{check(worst <= out_mib + 1024, 'separate memory <= estimates + 1 GiB')}")
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -350,6 +351,7 @@ def main() -> None:
         if "d" in parts:
             bench_separate_memory(store, ds.id, work, runs, args.minutes, args.threads)
         print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+    finish()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from goals import check, finish  # noqa: E402
+
 SOURCES = ("drums", "bass", "other", "vocals")
 RATE = 44100
 
@@ -132,11 +135,14 @@ def main() -> None:
     print(f"{'time (s)':24}{m['seconds']:>18.3f}{f['seconds']:>16.4f}")
     print(f"{'peak RSS (MiB)':24}{m['peak_rss_mib']:>18.0f}{f['peak_rss_mib']:>16.0f}")
     print(f"{'peak over loaded (MiB)':24}{m['extra_rss_mib']:>18.0f}{f['extra_rss_mib']:>16.0f}")
-    print(f"\nspeed ratio: {m['seconds'] / f['seconds']:.0f}x   (goal >= 50x)")
+    ratio = m['seconds'] / f['seconds']
+    print(f"\nspeed ratio: {ratio:.0f}x   (goal >= 50x) -> {check(ratio >= 50, 'framewise_sdr >= 50x museval')}")
     print(f"max |SDR difference|: {max_diff:.2e} dB over {int(finite.sum())} frames; "
-          f"shape {ours.shape}, same NaN frames: {same_nan}")
+          f"shape {ours.shape}, same NaN frames: {same_nan} (goal: same NaN frames, <= 1e-6 dB) -> "
+          f"{check(same_nan and max_diff <= 1e-6, 'framewise_sdr equals museval')}")
     print(f"full_bsseval's per-worker memory estimate for this track: {bsseval_peak_bytes(n) / 2**20:.0f} MiB "
           f"(core.metrics.bsseval_peak_bytes; compare museval's peak RSS)")
+    finish()
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def train_paper_mixer(cached, work: Path, device: str, full: bool, steps: int):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     from mixer.models import PRESETS
-    from mixer.train import segment_offsets
+    from core.chunking import segment_offsets
 
     preset = "paper" if full else "tiny"
     batch, epochs = 4, 3

@@ -24,8 +24,10 @@ from core.versions import package_versions
 from separators.base import model_key
 
 
-def _track_dir(root: Path, subset: str, name: str) -> Path | None:
-    for d in (root / subset / name, root / name):
+def _track_dir(root: Path, subset: str, split: str, name: str) -> Path | None:
+    # museval's layout names the subset (MUSDB's valid tracks are in train); `pipeline evaluate
+    # --save-estimates` names the split
+    for d in (root / subset / name, root / split / name, root / name):
         if d.is_dir():
             return d
     return None
@@ -52,7 +54,7 @@ def import_estimates(store: StemStore, dataset: Dataset, name: str, root: Path,
     if not root.is_dir():
         raise PipelineError(f"{root}: estimates folder not found")
     tracks = [t for t in dataset.tracks if splits is None or t.split in splits]
-    found = {t.name: _track_dir(root, t.subset, t.name) for t in tracks}
+    found = {t.name: _track_dir(root, t.subset, t.split, t.name) for t in tracks}
     missing_tracks = [n for n, d in found.items() if d is None]
     if len(missing_tracks) == len(tracks):
         raise PipelineError(f"{root}: no estimates for any track of {dataset.id} (expected "

@@ -142,7 +142,9 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
                                         f"{mixture.shape}, expected {shape[1:]}")
                 with store.open_stems_writer(key, dataset.id, entry, shape) as w:
                     t0 = time.perf_counter()
-                    separate_array(separator, mixture, t.sample_rate, out=w)
+                    # a cross-fitted model answers with the fold models that never saw the track
+                    separate_array(separator.for_track(store, dataset.id, entry), mixture,
+                                   t.sample_rate, out=w)
                     seconds = time.perf_counter() - t0
                     w.commit({"model": separator.name, "key": key, "identity": identity,
                               "sources": list(separator.sources), "sample_rate": t.sample_rate,
@@ -157,3 +159,36 @@ def cache_model(store: StemStore, dataset: Dataset, separator: Separator, shard=
     return {"key": key, "name": separator.name, "tracks": len(tracks), "computed": done,
             "skipped": len(tracks) - done, "seconds": wall,
             "realtime": audio / wall if wall > 0 else float("inf")}
+
+
+def cache_spec(store: StemStore, dataset: Dataset, spec: str, *, device="cpu",
+               offline: bool = False, repo: str | Path | None = None, options: dict | None = None,
+               splits=None, shard=(0, 1), force: bool = False, progress: bool = True,
+               expect_key: str | None = None) -> list[dict]:
+    """Load the base model `spec` (separators.registry) and cache its stems for `dataset`: what
+    `pipeline cache -m SPEC`, an experiment's [[models]] and `pipeline separate` all do. Under
+    test-time augmentation with `tta_members` it becomes several models (separators.tta), each
+    cached as its own. Returns cache_model's summary per model.
+
+    How each was loaded (spec, repo, options) goes into its model.json, so that it can be loaded
+    again for new audio; expect_key: the store key it must have (a model loaded again must be
+    the one cached before: same weights, same options).
+    """
+    from separators.registry import load_separator
+    from separators.tta import split_options, with_tta
+
+    own, tta = split_options(options)
+    base = load_separator(spec, device=device, offline=offline, repo=repo, options=own)
+    summaries = []
+    for sep, recorded in with_tta(base, tta):
+        key = model_key(sep.identity())
+        if expect_key is not None and key != expect_key:
+            raise PipelineError(f"'{spec}' now loads a different model ({key}: its weights or "
+                                f"options changed since it was cached as {expect_key})")
+        # An existing path is kept absolute so the model can be loaded again from any folder.
+        load = {"spec": str(Path(spec).resolve()) if Path(spec).exists() else spec,
+                "repo": str(Path(repo).resolve()) if repo else None,
+                "options": {**{k: v for k, v in own.items() if v is not None}, **recorded}}
+        summaries.append(cache_model(store, dataset, sep, shard=shard, force=force,
+                                     splits=splits, progress=progress, load=load))
+    return summaries

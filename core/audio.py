@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from core.errors import PipelineError, fail
+from core.errors import fail
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 

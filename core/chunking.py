@@ -42,6 +42,13 @@ def flattop_window(segment: int, overlap: int, device=None, dtype=torch.float32)
     return w.to(dtype)
 
 
+def segment_offsets(length: int, segment: int, shift: int) -> list[int]:
+    """Starts of the segments covering a track; the last may run past the end (padded)."""
+    count = 1 if length <= segment else math.ceil((length - segment) / shift) + 1
+    # With shift > segment the count overshoots; a segment must start inside the track.
+    return [i * shift for i in range(count) if i * shift < length]
+
+
 def segment_of(x, start: int, segment: int) -> torch.Tensor:
     """x[..., start:start + segment] as a new tensor, zeros where that lies outside x.
 

@@ -68,6 +68,22 @@ def reports_dir(work: Path) -> Path:
     return work / "reports"
 
 
+def run_folder(work: Path, name: str, out: str | Path | None = None) -> Path:
+    """`out`, else <work>/runs/NAME (NAME a single folder name)."""
+    return Path(out) if out else runs_dir(work) / check_name(name, "--name")
+
+
+def find_run(run: str | Path, work: Path) -> Path:
+    """A run folder given as a path or as a name under <work>/runs."""
+    path = Path(run).expanduser()
+    for candidate in (path, runs_dir(work) / str(run)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise PipelineError(f"{run}: not a run folder (no config.json there nor in "
+                        f"{runs_dir(work) / str(run)}); run `pipeline blend` or `pipeline "
+                        f"train-mixer` first")
+
+
 def check_device(device: str) -> str:
     """`device` if torch knows it and this machine has it, else a PipelineError."""
     import torch

@@ -360,6 +360,14 @@ class StemStore:
             raise PipelineError(f"{d}: track not in the store; run `pipeline cache --dataset ...`")
         return NpyFile(d / "audio.npy", select=0)
 
+    def track_file(self, dataset_id: str, track: TrackEntry | str) -> NpyFile:
+        """[1 + S, 2, n] float32 (mixture, then references) read a piece at a time, no memory
+        map; close() it."""
+        d = self.track_dir(dataset_id, track)
+        if not (d / MANIFEST).exists():
+            raise PipelineError(f"{d}: track not in the store; run `pipeline cache --dataset ...`")
+        return NpyFile(d / "audio.npy")
+
     def references(self, dataset_id: str, track: TrackEntry | str) -> np.ndarray:
         """[S, 2, n] float32 memmap, in the order of the dataset's `sources`."""
         return self._track_audio(dataset_id, track)[1:]

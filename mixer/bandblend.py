@@ -32,16 +32,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from core.chunking import segment_of
 from core.errors import PipelineError
+from core.options import option
 from core.progress import progress_bar
 from core.store import StemStore, write_json_atomic
-from mixer.blend import collect_stats, source_models
+from mixer.blend import BlendOptions, collect_stats, source_models
 from mixer.blendsearch import (
     SourceObjective,
     SourceStats,
@@ -53,9 +54,13 @@ from mixer.blendsearch import (
     score,
     search_modes,
 )
-from mixer.simplex import grid_divisions, simplex_grid
+from mixer.data import describe as describe_tracks
+from mixer.data import fitting_tracks
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec
-from mixer.spectral import HOP, N_FFT, blockwise, istft_frames, stft_frames
+from mixer.simplex import grid_divisions, simplex_grid
+from mixer.spectral import blockwise
+from mixer.stft import HOP, N_FFT, istft_frames, stft_frames
 
 METHOD = "band-blend"
 SCALES = ("mel", "octave")
@@ -341,35 +346,36 @@ def _markdown(spec: InputSpec, config: dict) -> str:
 def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, bands: int = 8,
                       scale: str = "mel", step: float = 0.05, objective: str = "museval",
                       split: str = "select", search_mode: str = "auto",
-                      run_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Search band weights on `split`; write `run_dir` (config.json, weights.md) when given."""
+                      run_dir: str | Path | None = None, progress: bool = True,
+                      extra_data: Sequence[str] = ()) -> dict:
+    """Search band weights on `split` (and the `extra_data` datasets, mixer.data) with the
+    search `search_mode` (mixer.blendsearch); write `run_dir` (config.json, weights.md) when given."""
     check_search(objective, search_mode, "band-blend")
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     search_modes([len(p) for p in source_models(spec)], step, search_mode, "band-blend")
     info = store.dataset_info(dataset_id)
     rate = int(info.get("sample_rate", 44100))
     bins, hz = band_edges(bands, scale, rate)
-    tracks = store.tracks(dataset_id, split)
+    tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to search on")
-    pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
-             for t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
+    pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
+             for d, t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
     stats = collect_band_stats(pairs, spec, bins, rate)
     found = search_bands(stats, bands, step, objective, search_mode)
 
     table = source_models(spec)
     weights = {t: {spec.model_keys[m]: [round(float(v), 6) for v in found.weights[j][:, i]]
                    for i, (m, _) in enumerate(table[j])} for j, t in enumerate(spec.targets)}
-    config = {"method": METHOD, "dataset": dataset_id, "rate": rate, "split": split, "step": step,
-              "objective": objective, "search_mode": search_mode, "frame": rate,
-              "bands": {"count": bands, "scale": scale, "bins": [int(b) for b in bins],
-                        "edges_hz": [round(float(h), 1) for h in hz]},
-              "stft": {"n_fft": N_FFT, "hop": HOP, "window": "hann"},
-              "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": weights,
-              "validation": {
+    config = run_config(
+        METHOD, spec, dataset_id, BandBlendOptions(step=step, objective=objective, split=split, search=search_mode,
+                                                 bands=bands, band_scale=scale,
+                                                 extra_data=tuple(extra_data)),
+        rate=rate, split=split, step=step, objective=objective, frame=rate,
+        bands={"count": bands, "scale": scale, "bins": [int(b) for b in bins],
+               "edges_hz": [round(float(h), 1) for h in hz]},
+        stft={"n_fft": N_FFT, "hop": HOP, "window": "hann"}, weights=weights,
+        validation={
                   "band_blend": {t: found.best[j] for j, t in enumerate(spec.targets)},
                   "plain_blend": {t: found.plain_best[j] for j, t in enumerate(spec.targets)},
                   "plain_weights": {t: {spec.model_keys[m]: round(float(found.plain[j][i]), 6)
@@ -377,12 +383,41 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
                                     for j, t in enumerate(spec.targets)},
                   "single_models": {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
                                     for m, k in enumerate(spec.model_keys)},
-                  "tracks": [t.name for t in tracks]},
-              "search": {"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
-                         "converged": found.converged,
-                         "modes": {t: found.modes[j] for j, t in enumerate(spec.targets)}}}
+                  "tracks": describe_tracks(tracks, dataset_id)},
+        search={"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
+                "converged": found.converged,
+                "modes": {t: found.modes[j] for j, t in enumerate(spec.targets)}})
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
         (run_dir / "weights.md").write_text(_markdown(spec, config))
     return config
+
+
+# ---- the method ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BandBlendOptions(BlendOptions):
+    split: str = option("select", "split the weights are searched on")
+    bands: int = option(8, "number of frequency bands")
+    band_scale: str = option("mel", "band spacing: mel (equal mel widths) or octave", choices=SCALES)
+
+
+class BandBlendMixer(Mixer):
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        return apply_config(self.config, mixture, stems_by_key)
+
+
+def _fit(r: FitRequest) -> dict:
+    o = r.options
+    return search_band_blend(r.store, r.dataset_id, r.models, bands=o.bands, scale=o.band_scale,
+                             step=o.step, objective=o.objective, split=o.split,
+                             search_mode=o.search, run_dir=r.run_dir, progress=r.progress,
+                             extra_data=o.extra_data)
+
+
+RECORD = Method(
+    name=METHOD,
+    summary="per source and per frequency band, convex weights over the models, searched",
+    options=BandBlendOptions, fit=_fit,
+    load=lambda config, run_dir, **_: BandBlendMixer(config, run_dir),
+    reads=lambda o: [("search", o.split, "split")])

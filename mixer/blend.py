@@ -31,15 +31,28 @@ the grid and the least-squares blend on the simplex are mixer.simplex's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from core.errors import PipelineError
+from core.options import option
 from core.store import StemStore, write_json_atomic
-from mixer.blendsearch import SourceStats, check_search, search, search_modes
-from mixer.inputs import InputSpec
+from mixer.blendsearch import (
+    AUTO_POINTS,
+    OBJECTIVES,
+    SEARCH_MODES,
+    SourceStats,
+    check_search,
+    search,
+    search_modes,
+)
+from mixer.data import describe as describe_tracks
+from mixer.data import extra_data_option, fitting_tracks
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
+from mixer.inputs import InputSpec, check_inputs
 from mixer.simplex import grid_divisions
 
 FRAMES_PER_BLOCK = 16  # frames converted to float64 at once: bounds memory on long tracks
@@ -198,20 +211,21 @@ def search_record(found, spec: InputSpec, stats: list[SourceStats], extra: dict 
 
 def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: float = 0.05,
                  objective: str = "museval", split: str = "valid", search_mode: str = "auto",
-                 run_dir: str | Path | None = None) -> dict:
-    """Search blend weights on `split`; write `run_dir` (config.json, weights.json, weights.md)
-    when given; return the config."""
+                 run_dir: str | Path | None = None, extra_data: Sequence[str] = ()) -> dict:
+    """Search blend weights on `split` (and the `extra_data` datasets, mixer.data) with the
+    search `search_mode` (mixer.blendsearch); write `run_dir` (config.json, weights.json,
+    weights.md) when given; return the config."""
     check_search(objective, search_mode)
     grid_divisions(step)   # a bad step fails before minutes of reading stems
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     search_modes([len(p) for p in source_models(spec)], step, search_mode)   # ... a huge grid too
     info = store.dataset_info(dataset_id)
     win = int(info.get("sample_rate", 44100))   # museval's 1-s frames
-    tracks = store.tracks(dataset_id, split)
+    tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to search on")
-    pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
-             for t in tracks)
+    pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
+             for d, t in tracks)
     stats = collect_stats(pairs, spec, win)
     found = search(stats, step, objective, search_mode)
 
@@ -221,14 +235,13 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
     best = {t: found.best[j] for j, t in enumerate(spec.targets)}
     single = {k: {t: found.single[j].get(m) for j, t in enumerate(spec.targets)}
               for m, k in enumerate(spec.model_keys)}
-    config = {"method": "blend", "dataset": dataset_id, "split": split, "step": step,
-              "objective": objective, "search_mode": search_mode, "frame": win, "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": weights,
-              "validation": {"blend": best, "single_models": single,
-                             "tracks": [t.name for t in tracks]},
-              "search": search_record(found, spec, stats)}
+    options = BlendOptions(step=step, objective=objective, split=split, search=search_mode,
+                           extra_data=tuple(extra_data))
+    config = run_config(METHOD, spec, dataset_id, options,
+                        split=split, step=step, objective=objective, frame=win, weights=weights,
+                        validation={"blend": best, "single_models": single,
+                                    "tracks": describe_tracks(tracks, dataset_id)},
+                        search=search_record(found, spec, stats))
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
@@ -238,3 +251,53 @@ def search_blend(store: StemStore, dataset_id: str, models: list[str], *, step: 
                            "weights": [[table[k][t] for t in spec.targets] for k in spec.model_keys]})
         (run_dir / "weights.md").write_text(_markdown(spec, table, best, single, objective, split))
     return config
+
+
+# ---- the method ------------------------------------------------------------------------------
+METHOD = "blend"
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    step: float = option(0.05, "grid step on the weight simplex (must divide 1)")
+    objective: str = option("museval", "museval (median/median framewise SDR) or usdr (mean "
+                            "whole-track SDR)", choices=OBJECTIVES)
+    split: str = option("valid", "split the weights are searched on")
+    search: str = option("auto", "how the simplex is searched: exhaustive (every grid point), "
+                         "local (exchange moves from the least-squares blend; many models) or "
+                         f"auto (exhaustive up to {AUTO_POINTS} grid points per source)",
+                         choices=SEARCH_MODES)
+    extra_data: tuple[str, ...] = extra_data_option()
+
+
+class BlendMixer(Mixer):
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        check_inputs(self.spec, mixture, stems_by_key)
+        return apply_blend(self.config["weights"], stems_by_key,
+                           dict(zip(self.spec.model_keys, self.spec.model_sources)), self.spec.targets)
+
+    def matrix(self) -> np.ndarray:
+        """The blend as the [in, out] mixing matrix over the channel layout of a mixer."""
+        names_in, names_out = self.spec.input_names(), self.spec.output_names()
+        W = np.zeros((len(names_in), len(names_out)), dtype=np.float32)
+        for target, by_model in self.config["weights"].items():
+            for key, w in by_model.items():
+                model = self.spec.model_names[self.spec.model_keys.index(key)]
+                for c in ("L", "R"):
+                    W[names_in.index(f"{model}.{target}.{c}"), names_out.index(f"{target}.{c}")] = w
+        return W
+
+
+def _fit(r: FitRequest) -> dict:
+    o = r.options
+    return search_blend(r.store, r.dataset_id, r.models, step=o.step, objective=o.objective,
+                        split=o.split, search_mode=o.search, run_dir=r.run_dir,
+                        extra_data=o.extra_data)
+
+
+RECORD = Method(
+    name=METHOD,
+    summary="Danna-Sep: per source, convex weights over the models, searched on a grid",
+    options=BlendOptions, fit=_fit,
+    load=lambda config, run_dir, **_: BlendMixer(config, run_dir),
+    reads=lambda o: [("search", o.split, "split")])

@@ -14,9 +14,14 @@ the output is always a linear combination of the inputs; what differs is where W
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+
+from core.options import option
+from core.registry import Registry
 
 # T: segment length, F: folding factor (samples per row of Z), N: number of Mixer layers.
 PRESETS = {
@@ -131,32 +136,80 @@ class MDXMixer(nn.Module):
         return apply_mixing(x, self.mixing_weights(x))
 
 
-INITS = ("average", "random")
+# ---- the architectures, as the rest of the tool sees them ------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """A mixer architecture: trained by `pipeline train-mixer --arch NAME` (mixer.train), applied
+    by mixer.learned, and an ensemble method of the same name everywhere else.
 
-
-def build_mixer(arch: str, in_ch: int, out_ch: int, T: int, F: int | None, N: int | None,
-                p: float, start: torch.Tensor | None = None, residual: bool = False) -> nn.Module:
-    """`start` [in, out]: the mixing the untrained model applies (None: PyTorch's random init).
-
-    Starting from the uniform average of the base models (mixer.inputs.average_mixing) means a
-    short CPU training refines a sensible ensemble instead of first having to find one; the
-    MDX-Mixer's head then starts with zero weights and `start` as its bias (residual: as its
-    time-invariant W, the head's bias zero: no correction yet).
+    build(in_ch, out_ch, hyper, start) -> the untrained module: forward(X [B, in, T]) -> [B, out, T],
+    mixing_weights(X) -> W [B, in, out]; `start` [in, out] is the mixing it starts from (the
+    models' average, mixer.inputs.average_mixing) or None (PyTorch's initialisation); a residual
+    module (one with a `base` parameter) starts from zero corrections.
+    hyper(T, options, init) -> config.json's "hyper": everything build() needs.
     """
-    if arch == "conv1x1":
-        model = Conv1x1Mixer(in_ch, out_ch)
-        if start is not None:
-            with torch.no_grad():
-                model.weight.copy_(start)
-        return model
-    if arch == "mdx-mixer":
-        model = MDXMixer(in_ch, out_ch, T=T, F=F, N=N, p=p, residual=residual)
-        if start is not None or residual:
-            with torch.no_grad():
-                model.head.weight.zero_()
-                model.head.bias.zero_()
-                target = model.base if residual else model.head.bias
-                if start is not None:
-                    target.copy_(start.reshape(target.shape))
-        return model
-    raise ValueError(f"unknown mixer architecture '{arch}' (conv1x1, mdx-mixer)")
+
+    name: str
+    summary: str
+    options: type | None                  # its own options (core.options), beyond mixer.learned's
+    build: Callable[[int, int, dict, torch.Tensor | None], nn.Module]
+    hyper: Callable[[int, object, str], dict]
+    default_epochs: int
+    time_varying: bool                    # W_k per segment (else one W: the module's `weight`)
+
+
+@dataclass(frozen=True)
+class MDXMixerOptions:
+    F: int | None = option(None, "fold factor (default: the preset's)", flags=("-F",))
+    N: int | None = option(None, "MLP-Mixer layers (default: the preset's)", flags=("-N",))
+    p: float = option(0.0, "dropout", flags=("-p",))
+    base: str | None = option(None, "a finished conv1x1 run (folder or name; in an experiment, a "
+                              "conv1x1 system listed before) on the same inputs: the MDX-Mixer then "
+                              "learns per-segment corrections of its W (W_k = W + ΔW_k)", refers="run:conv1x1")
+    penalty: float = option(0.0, "with base: weight of the penalty on the corrections ΔW_k")
+    penalty_norm: str = option("l2", "with base: l2 (mean square) or l1 (mean absolute) penalty",
+                               choices=("l2", "l1"))
+
+
+def _build_conv1x1(in_ch: int, out_ch: int, hyper: dict, start) -> nn.Module:
+    model = Conv1x1Mixer(in_ch, out_ch)
+    if start is not None:
+        with torch.no_grad():
+            model.weight.copy_(start)
+    return model
+
+
+def _build_mdx(in_ch: int, out_ch: int, hyper: dict, start) -> nn.Module:
+    """`start` becomes the head's bias with zero head weights (residual: the time-invariant W, no
+    correction yet), so a short CPU training refines a sensible ensemble instead of first having
+    to find one."""
+    residual = bool(hyper.get("residual"))
+    model = MDXMixer(in_ch, out_ch, T=hyper["T"], F=hyper["F"], N=hyper["N"], p=hyper["p"],
+                     residual=residual)
+    if start is not None or residual:
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+            target = model.base if residual else model.head.bias
+            if start is not None:
+                target.copy_(start.reshape(target.shape))
+    return model
+
+
+RECORDS = (
+    Arch("conv1x1", "time-invariant: one W for every segment (Nakano & Goto, section 3.1)",
+         options=None, build=_build_conv1x1, default_epochs=50, time_varying=False,
+         # T is only its training segment; F, N, p recorded as runs always have
+         hyper=lambda T, o, init: {"T": T, "F": None, "N": None, "p": 0.0, "init": init}),
+    Arch("mdx-mixer", "time-varying: W_k predicted per segment by an MLP-Mixer (section 3.2)",
+         options=MDXMixerOptions, build=_build_mdx, default_epochs=100, time_varying=True,
+         hyper=lambda T, o, init: {"T": T, "F": o.F, "N": o.N, "p": o.p, "init": init}),
+)
+ARCHS: Registry[Arch] = Registry("mixer architecture", ("mixer.models",),
+                                 group="stem_ensemble.mixers")
+
+
+def build_mixer(arch: str, in_ch: int, out_ch: int, hyper: dict,
+                start: torch.Tensor | None = None) -> nn.Module:
+    """The untrained module of architecture `arch` (see Arch.build)."""
+    return ARCHS.get(arch).build(in_ch, out_ch, hyper, start)

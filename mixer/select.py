@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
 from mixer.blend import collect_stats, frame_blocks, grams
 from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
+from mixer.data import fitting_tracks
 from mixer.inputs import (
     InputSpec,
     assemble_inputs,
@@ -84,14 +85,16 @@ class Conv1x1Stats:
 
 def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tracks,
                           win: int, progress: bool = False) -> Conv1x1Stats:
+    """tracks: TrackEntry of `dataset_id`, or (dataset id, TrackEntry) pairs (mixer.data)."""
     C, O = spec.in_channels, spec.out_channels
     per_block = max(1, ROW_FRAMES // (C + O))
     acc = {k: [] for k in ("G", "scale", "rr", "ref_silent", "zero", "track", "full")}
-    for t, track in enumerate(progress_bar(tracks, desc="conv1x1 statistics", unit="track",
-                                           disable=not progress)):
-        mixture = store.mixture(dataset_id, track)
-        stems = {k: store.stems(k, dataset_id, track) for k in spec.model_keys}
-        refs = store.references(dataset_id, track)
+    for t, item in enumerate(progress_bar(tracks, desc="conv1x1 statistics", unit="track",
+                                          disable=not progress)):
+        ds, track = item if isinstance(item, tuple) else (dataset_id, item)
+        mixture = store.mixture(ds, track)
+        stems = {k: store.stems(k, ds, track) for k in spec.model_keys}
+        refs = store.references(ds, track)
         stats = mixture_stats(mixture)
         for start, length, count, full in frame_blocks(mixture.shape[-1], win, per_block):
             stop = start + length * count
@@ -201,8 +204,11 @@ def greedy(n_models: int, score: Callable[[list[int]], float], min_gain: float,
 def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: str = "blend",
                   split: str = "select", objective: str = "museval", step: float = 0.1,
                   min_gain: float = 0.01, backward: bool = False, search_mode: str = "auto",
-                  out: str | Path | None = None, progress: bool = True, log=print) -> dict:
-    """Choose among `models` on `split`; write the selection file to `out` when given."""
+                  out: str | Path | None = None, progress: bool = True, log=print,
+                  extra_data: Sequence[str] = ()) -> dict:
+    """Choose among `models` on `split` (and the `extra_data` datasets, mixer.data), scoring
+    blends with the search `search_mode` (mixer.blendsearch); write the selection file to `out`
+    when given."""
     if by not in BY:
         raise PipelineError(f"select-models --by {by}: choose one of {', '.join(BY)}")
     check_search(objective, search_mode, "select-models")
@@ -214,13 +220,14 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
     if by == "blend":   # the largest set's grid: a refused exhaustive search fails before any work
         search_modes([sum(t in s for s in spec.model_sources) for t in spec.targets], step,
                      search_mode, "select-models")
-    tracks = store.tracks(dataset_id, split)
+    tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to select on")
     win = int(store.dataset_info(dataset_id).get("sample_rate", 44100))
     if by == "blend":
-        pairs = ((store.references(dataset_id, t), [store.stems(k, dataset_id, t) for k in spec.model_keys])
-                 for t in progress_bar(tracks, desc="blend statistics", unit="track", disable=not progress))
+        pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
+                 for d, t in progress_bar(tracks, desc="blend statistics", unit="track",
+                                          disable=not progress))
         score = BlendScore(collect_stats(pairs, spec, win), step, objective, search_mode)
     else:
         score = Conv1x1Score(collect_conv1x1_stats(store, dataset_id, spec, tracks, win, progress),
@@ -236,9 +243,9 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
     if stopped:
         log(f"  stop: adding {names[stopped['model']]} would gain {stopped['gain']:+.3f} dB "
             f"(<= {min_gain})")
-    result = {"by": by, "dataset": dataset_id, "split": split, "objective": objective,
-              "step": step if by == "blend" else None,
-              "search_mode": search_mode if by == "blend" else None,
+    result = {"by": by, "dataset": dataset_id, "split": split, "extra_data": list(extra_data),
+              "objective": objective, "step": step if by == "blend" else None,
+              "search": search_mode if by == "blend" else None,
               "min_gain": min_gain, "backward": backward,
               "candidates": [{"key": k, "name": n} for k, n in zip(spec.model_keys, names)],
               "models": [{"key": spec.model_keys[m], "name": names[m]} for m in chosen],

@@ -23,7 +23,10 @@ phase" of both MSST's lambda_min/absmax and UVR's np.where(|a| >= |b|, a, b)).
 
 STFT (MSST's and UVR's): librosa.stft(n_fft=2048, hop_length=1024) per channel: periodic Hann,
 frames centred on multiples of the hop with zeros beyond the ends; the inverse is librosa.istft:
-Hann synthesis window, overlap-add, divided by the summed squared windows.
+Hann synthesis window, overlap-add, divided by the summed squared windows. The spectra that
+median/min/max decide on are computed as librosa computes them for float32 audio (float64
+window and FFT, stored as complex64), so every bin picks the model MSST picks; a float32 FFT
+rounds differently and flips near-ties, which music has plenty of (`stft_frames_as_librosa`).
 
 Where ours differs:
 * Weights count for the averages only. MSST silently ignores `--weights` for median/min/max; we
@@ -44,7 +47,7 @@ Where ours differs:
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -53,43 +56,24 @@ import torch
 
 from core.chunking import overlap_add
 from core.errors import PipelineError
+from core.options import option
 from core.store import StemStore, write_json_atomic
 from mixer.blend import source_models
+from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec, check_inputs
+from mixer.stft import (
+    BLOCK,
+    HOP,
+    N_FFT,
+    istft_frames,
+    stft_frames,
+    stft_frames_as_librosa,
+)
 
-N_FFT, HOP = 2048, 1024          # MSST's and UVR's; the frame algebra below needs N_FFT == 2 HOP
-BLOCK = 1 << 19                  # most samples per block (~12 s at 44.1 kHz)
 WAVE = ("avg-wave", "median-wave", "min-wave", "max-wave")
 SPEC = ("avg-spec", "median-spec", "min-spec", "max-spec")
 METHODS = WAVE + SPEC
 WEIGHTED = ("avg-wave", "avg-spec")
-
-
-# ---- the STFT on the whole track's frame grid ------------------------------------------------
-@lru_cache(maxsize=4)
-def window(device: str = "cpu") -> torch.Tensor:
-    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=device)
-
-
-def stft_frames(x: torch.Tensor) -> torch.Tensor:
-    """x [..., HOP + L + HOP] (L a multiple of HOP) -> X [..., L/HOP + 1, N_FFT/2 + 1]: the
-    frames centred at samples 0, HOP, ..., L of the middle part (the context feeds the first and
-    last frames). Frames by bins, not bins by frames as torch.stft lays them out: rfft writes
-    this layout contiguously, and the elementwise ensembles run ~15-25 % faster on it."""
-    return torch.fft.rfft(x.unfold(-1, N_FFT, HOP) * window(str(x.device)), dim=-1)
-
-
-def istft_frames(z: torch.Tensor) -> torch.Tensor:
-    """The inverse of `stft_frames` for its middle L samples: [..., L/HOP + 1, F] -> [..., L].
-
-    Sample j*HOP + i lies under the second half of frame j and the first half of frame j + 1,
-    so the overlap-add is two slices, divided by the summed squared windows (librosa.istft).
-    """
-    w = window(str(z.device))
-    frames = torch.fft.irfft(z, n=N_FFT, dim=-1) * w                    # [..., K + 1, N_FFT]
-    out = frames[..., :-1, HOP:] + frames[..., 1:, :HOP]                 # [..., K, HOP]
-    out /= w[HOP:] ** 2 + w[:HOP] ** 2
-    return out.reshape(*out.shape[:-2], -1)
 
 
 # ---- the ensembles ---------------------------------------------------------------------------
@@ -171,12 +155,14 @@ class TargetRows:
 
 def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
               per_target: Callable[[int, torch.Tensor], torch.Tensor], spectral: bool,
-              block: int = BLOCK) -> np.ndarray:
+              block: int = BLOCK, stft: Callable[[torch.Tensor], torch.Tensor] = stft_frames
+              ) -> np.ndarray:
     """Estimates [S, 2, n] of a track, target j being per_target(j, x) over the models that output
     it (mixer.blend.source_models), x their STFT frames [M_j, 2, frames, F] (`spectral`; the
     result is frames [2, frames, F]) or waveforms [M_j, 2, L] (the result [2, L]).
 
-    Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
+    `stft` computes the frames (`stft_frames`; `stft_frames_as_librosa` where a per-bin
+    choice must be MSST's). Blocks of at most `block` samples through `core.chunking.overlap_add`, starting on
     multiples of HOP with HOP samples of context: every frame is the whole track's, so the result
     does not depend on the block size; memory is the estimates plus one block. The targets of a
     block run in torch.get_num_threads() threads (numpy's elementwise work is single-threaded
@@ -194,7 +180,7 @@ def blockwise(spec: InputSpec, mixture, stems_by_key: Mapping[str, np.ndarray],
 
         def target(b: int, j: int) -> None:
             models = chunks[b, first[j]:first[j + 1]].reshape(len(table[j]), 2, -1)
-            out[b, j] = (istft_frames(per_target(j, stft_frames(models))) if spectral
+            out[b, j] = (istft_frames(per_target(j, stft(models))) if spectral
                          else per_target(j, models))
         jobs = [(b, j) for b in range(len(chunks)) for j in range(len(table))]
         threads = max(1, min(outer, len(jobs)))
@@ -231,7 +217,7 @@ class SpectralEnsemble:
         spectral = self.method in SPEC and self.method != "avg-spec"
         return blockwise(self.spec, mixture, stems_by_key,
                          lambda j, x: combine(self.method, x, self.weights[j]),
-                         spectral=spectral, block=block)
+                         spectral=spectral, block=block, stft=stft_frames_as_librosa)
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -263,11 +249,11 @@ def make_run(store: StemStore, dataset_id: str, models: list[str], method: str, 
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
     source_models(spec)   # every target needs a model that outputs it
     info = store.dataset_info(dataset_id)
-    config = {"method": method, "dataset": dataset_id, "rate": int(info.get("sample_rate", 44100)),
-              "inputs": spec.to_dict(),
-              "models": [{"key": k, "name": n, "sources": list(s)} for k, n, s in
-                         zip(spec.model_keys, spec.model_names, spec.model_sources)],
-              "sources": list(spec.targets), "weights": check_weights(method, weights, spec)}
+    given = check_weights(method, weights, spec)
+    options = (AverageOptions(None if given is None else tuple(given.values()))
+               if method in WEIGHTED else None)
+    config = run_config(method, spec, dataset_id, options, rate=int(info.get("sample_rate", 44100)),
+                        weights=given)
     if method in SPEC:
         config["stft"] = {"n_fft": N_FFT, "hop": HOP, "window": "hann"}
     if run_dir is not None:
@@ -278,3 +264,37 @@ def make_run(store: StemStore, dataset_id: str, models: list[str], method: str, 
 def apply_config(config: dict, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
     return SpectralEnsemble(config["method"], InputSpec.from_dict(config["inputs"]),
                             config.get("weights"))(mixture, stems_by_key)
+
+
+# ---- the methods -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AverageOptions:
+    weights: tuple[float, ...] | None = option(
+        None, "one weight per model, in -m order, e.g. 2,1,1 (default equal)")
+
+
+class SpectralMixer(Mixer):
+    def estimate(self, mixture, stems_by_key: Mapping[str, np.ndarray]) -> np.ndarray:
+        return apply_config(self.config, mixture, stems_by_key)
+
+
+def _record(method: str, summary: str) -> Method:
+    def fit(r: FitRequest) -> dict:
+        weights = getattr(r.options, "weights", None)
+        return make_run(r.store, r.dataset_id, r.models, method, weights=weights, run_dir=r.run_dir)
+
+    return Method(name=method, summary=summary,
+                  options=AverageOptions if method in WEIGHTED else None, fit=fit,
+                  load=lambda config, run_dir, **_: SpectralMixer(config, run_dir))
+
+
+RECORDS = (
+    _record("avg-wave", "MSST's avg_wave (weighted) / UVR's Average: per sample"),
+    _record("median-wave", "MSST's median_wave: the median of the models, per sample"),
+    _record("min-wave", "MSST's min_wave: per sample, the value of smallest magnitude"),
+    _record("max-wave", "MSST's max_wave: per sample, the value of largest magnitude"),
+    _record("avg-spec", "MSST's avg_fft (weighted), per time-frequency bin"),
+    _record("median-spec", "MSST's median_fft: the (complex) median per time-frequency bin"),
+    _record("min-spec", "MSST's min_fft / UVR's Min Spec: per bin, the smallest magnitude"),
+    _record("max-spec", "MSST's max_fft / UVR's Max Spec: per bin, the largest magnitude"),
+)

@@ -1,38 +1,95 @@
-"""The `pipeline` command line: one command per stage; stages talk only through the work folder."""
+"""The `pipeline` command line: one command per stage (pipeline.stages), which this module parses
+and prints around; stages talk only through the work folder.
+
+The options of the ensemble methods (`blend`), the mixer architectures (`train-mixer`) and the
+base-model families (`cache`) are not written here: each command offers the options its records
+declare (core.options), so a registered method, mixer or family appears with its options without
+a change to this file. The app is therefore built when the command runs (`build_app`).
+"""
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
 
-from core.config import default_device, store_dir, work_dir
-from core.datasets import SYNTHETIC, open_dataset_spec
+from core import options as opts
 from core.errors import PipelineError
+from pipeline import stages
 from reports.clips import EXCERPT_S, KBPS, MAX_MB, WHOLE_BELOW_S
 
-app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
-                  help="Ensemble music source separators: cache base models' stems, blend / learn "
-                       "mixing weights, evaluate with museval-exact SDR, separate new songs.")
-cache_app = typer.Typer(rich_markup_mode="rich", invoke_without_command=True,
-                        help="Run base separators once over a dataset and keep their stems in the "
-                             "stem store ([bold]ls[/], [bold]verify[/], [bold]import[/] manage it).")
-app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 _state = {"debug": False}
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 WorkOpt = typer.Option(None, "--work", envvar="PIPELINE_WORK",
                        help="Work folder for all outputs (default ./work).")
+ModelsOpt = typer.Option(..., "--model", "-m", help="Cached base model (name or store key). Repeatable.")
+DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store id, folder, or 'synthetic').")
+DeviceOpt = typer.Option(None, help="cpu or cuda (default: cuda when available).")
 
 
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
-    _state["debug"] = debug
+def _log(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command("make-dataset")
+# ---- options declared by records ---------------------------------------------------------------
+_TYPES = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str],
+          tuple: Optional[str], list: Optional[List[str]]}
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _help(spec: opts.Spec, defaults: dict, owners: list[str]) -> str:
+    """The option's help and default; when only some records have it, which ones."""
+    mine = list(defaults)
+    known = {o: _shown(d) for o, d in defaults.items() if d is not None and d != ()}
+    if len(set(known.values())) == 1 and len(known) == len(mine):
+        default = f"default {next(iter(known.values()))}"
+    else:
+        default = "; ".join(f"{o} {d}" for o, d in known.items())
+        default = f"default: {default}" if default else ""
+    text = spec.help if len(mine) == len(owners) else f"{', '.join(mine)}: {spec.help}"
+    return f"{text[:1].upper()}{text[1:]}" + (f" ({default})." if default else ".")
+
+
+def record_options(owners: list[tuple[str, type | None]]) -> list[inspect.Parameter]:
+    """One command-line option per option the records declare (their union)."""
+    names = [o for o, _ in owners]
+    params = []
+    for spec, defaults in opts.union(owners):
+        if not spec.cli:
+            continue
+        flag = spec.flag if spec.flags else "--" + spec.name.replace("_", "-")
+        if spec.kind is bool and "/" not in flag:
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(None, flag, help=_help(spec, defaults, names), show_default=False)
+        params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=_TYPES[spec.kind]))
+    return params
+
+
+def with_record_options(command: Callable, extra: list[inspect.Parameter]) -> Callable:
+    """`command` (which takes **options) with `extra` as typer options in its signature."""
+    sig = inspect.signature(command)
+    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+
+    def wrapper(**kwargs):
+        return command(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=fixed + extra)
+    wrapper.__annotations__ = {**command.__annotations__,
+                               **{p.name: p.annotation for p in extra}}
+    wrapper.__doc__, wrapper.__name__ = command.__doc__, command.__name__
+    return wrapper
+
+
+# ---- the commands ------------------------------------------------------------------------------
 def make_dataset(
     out: Optional[Path] = typer.Argument(None, help="Output folder (default <work>/data/synthetic)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives bit-identical files."),
@@ -45,15 +102,36 @@ def make_dataset(
     work: Optional[Path] = WorkOpt,
 ):
     """Generate the embedded synthetic multitrack dataset (MUSDB18-HQ layout, train/valid/test)."""
-    from core.synth import generate_dataset
-
-    out = out or work_dir(work) / "data" / SYNTHETIC
-    generate_dataset(out, seed=seed, n_train=train, n_valid=valid, n_test=test,
-                     duration=duration, sample_rate=rate, overwrite=force)
+    out = stages.make_dataset(out, seed=seed, train=train, valid=valid, test=test,
+                              duration=duration, rate=rate, force=force, work=work)
     console.print(f"dataset ready: {out}")
 
 
-@cache_app.callback()
+def remix_cmd(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset whose stems are remixed (store id, folder, or 'synthetic')."),
+    split: str = typer.Option("train", help="Split the stems are drawn from (train, fit, a fold's, ...); never your evaluation split."),
+    n: int = typer.Option(80, "--n", help="Number of remixes."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives bit-identical remixes."),
+    folds_of: Optional[str] = typer.Option(None, "--folds-of", help="A cross-fitted model's run (`train-base --folds K`): each remix draws from one of its folds, so the fold model that never saw that fold is honest on it."),
+    duration: float = typer.Option(6.0, help="Seconds per remix (each stem starts at a random point of its track)."),
+    gain_db: float = typer.Option(3.0, "--gain-db", help="Each stem's gain is drawn uniformly within +-this many dB."),
+    name: Optional[str] = typer.Option(None, help="Dataset name (default remix-SPLIT-nN-sSEED[-RUN]): <work>/data/NAME."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default <work>/data/NAME)."),
+    force: bool = typer.Option(False, "--force", help="Replace a folder holding other remixes."),
+    work: Optional[Path] = WorkOpt,
+):
+    """Remixed training mixtures: every source from a random track of the split, at a random start and gain; written as a dataset of stem folders (+ remix.json) and stored."""
+    from core.remix import describe
+
+    result = stages.remix(dataset, split=split, n=n, seed=seed, folds_of=folds_of,
+                          duration=duration, gain_db=gain_db, name=name, out=out, force=force,
+                          work=work)
+    console.print(f"{describe(result)}: {result['root']} (dataset {result['dataset']}); cache "
+                  f"the base models on it (`pipeline cache -d {result['root']} -m ...`), then fit "
+                  f"with --extra-data {result['dataset']}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 def cache(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
@@ -62,50 +140,22 @@ def cache(
                                     help="Base model: a pretrained name (htdemucs, umxl, ...), a "
                                          "shipped checkpoint name, or a local path. Repeatable."),
     split: List[str] = typer.Option([], "--split", help="Only these splits (train/valid/test)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = DeviceOpt,
     offline: bool = typer.Option(False, "--offline", help="Never download; fail fast on missing weights."),
     repo: Optional[Path] = typer.Option(None, help="Local folder with model weights (demucs --repo)."),
-    shifts: Optional[int] = typer.Option(None, help="Demucs: random shifts."),
-    overlap: Optional[float] = typer.Option(None, help="Demucs: chunk overlap."),
-    segment: Optional[float] = typer.Option(None, help="Chunk length in seconds."),
-    niter: Optional[int] = typer.Option(None, help="Open-Unmix / X-UMX: Wiener iterations."),
     shard: Optional[str] = typer.Option(None, help="I/N: this process's share of the tracks "
                                                    "(default from torchrun's RANK/WORLD_SIZE)."),
     force: bool = typer.Option(False, "--force", help="Recompute complete entries."),
     work: Optional[Path] = WorkOpt,
+    **model_options,
 ):
     """Cache base models' stems for a dataset (also stores the dataset's mixture and references)."""
     if ctx.invoked_subcommand is not None:
         return
-    if dataset is None:
-        raise PipelineError("pipeline cache: --dataset is required (a folder, or 'synthetic')")
-    from cache.run import cache_model, ingest_dataset, parse_shard
-    from core.store import StemStore
-
-    w = work_dir(work)
-    store = StemStore(store_dir(w))
-    ds = open_dataset_spec(dataset, w)
-    shard_ = parse_shard(shard)
-    n = ingest_dataset(store, ds, shard=shard_, force=force)
-    console.print(f"{ds.id}: {len(ds)} tracks in the store ({n} written now)")
-    if model:
-        from separators.registry import load_separator
-
-        dev = device or default_device()
-        options = {k: v for k, v in dict(shifts=shifts, overlap=overlap, segment=segment,
-                                          niter=niter).items() if v is not None}
-        for spec in model:
-            sep = load_separator(spec, device=dev, offline=offline, repo=repo, options=options)
-            # An existing path is kept absolute so `separate` can re-load it from any folder.
-            spec_ = str(Path(spec).resolve()) if Path(spec).exists() else spec
-            load = {"spec": spec_, "repo": str(repo.resolve()) if repo else None, "options": options}
-            s = cache_model(store, ds, sep, shard=shard_, force=force, splits=split or None, load=load)
-            console.print(f"{s['name']} [{s['key']}]: {s['computed']} tracks separated, "
-                          f"{s['skipped']} already cached, {s['seconds']:.1f} s "
-                          f"({s['realtime']:.2f}x real time)")
+    stages.cache(dataset, model, splits=split, device=device, offline=offline, repo=repo,
+                 shard=shard, force=force, work=work, log=_log, **model_options)
 
 
-@cache_app.command("import")
 def cache_import(
     folder: Path = typer.Argument(..., help="Estimates: DIR/<subset>/<track>/<target>.wav or DIR/<track>/<target>.wav"),
     name: str = typer.Option(..., "--name", help="Name of the imported system."),
@@ -114,27 +164,16 @@ def cache_import(
     work: Optional[Path] = WorkOpt,
 ):
     """Register separations made elsewhere as a base model in the stem store."""
-    from cache.imported import import_estimates
-    from cache.run import ingest_dataset
-    from core.store import StemStore
-
-    w = work_dir(work)
-    store = StemStore(store_dir(w))
-    ds = open_dataset_spec(dataset, w)
-    ingest_dataset(store, ds, progress=False)
-    s = import_estimates(store, ds, name, folder, splits=split or None)
+    s = stages.cache_import(folder, name, dataset, splits=split, work=work)
     console.print(f"{name} [{s['key']}]: {s['computed']} tracks imported "
                   f"({', '.join(s['sources'])}), {s['skipped']} already there")
 
 
-@cache_app.command("ls")
 def cache_ls(work: Optional[Path] = WorkOpt):
     """List the datasets and models in the stem store, with track counts and sizes."""
     from rich.table import Table
 
-    from core.store import StemStore
-
-    store = StemStore(store_dir(work_dir(work)))
+    store = stages.open_store(work)
     table = Table(title=f"stem store {store.root}")
     for col in ("kind", "key", "name / sources", "dataset", "tracks", "size"):
         table.add_column(col)
@@ -160,12 +199,9 @@ def _size(path: Path) -> str:
         total /= 1024
 
 
-@cache_app.command("verify")
 def cache_verify(work: Optional[Path] = WorkOpt):
     """Check every store entry (array readable, shape, length, checksum); non-zero exit on damage."""
-    from core.store import StemStore
-
-    store = StemStore(store_dir(work_dir(work)))
+    store = stages.open_store(work)
     problems, n = [], 0
     for entry in store.entries():
         n += 1
@@ -178,20 +214,14 @@ def cache_verify(work: Optional[Path] = WorkOpt):
         raise typer.Exit(1)
 
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-@app.command("run")
 def run_cmd(
     config: Path = typer.Argument(..., help="Experiment file (TOML or YAML); see pipeline/configs/."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the file's, else cuda when available)."),
     work: Optional[Path] = WorkOpt,
 ):
     """Run an experiment: dataset -> cache -> blend / mixers -> evaluation report, skipping done work."""
-    from pipeline.experiment import load_experiment, run_experiment
-
-    result = run_experiment(load_experiment(config), work_dir(work), device=device,
-                            log=lambda m: console.print(m, highlight=False, markup=False))
+    result = stages.run(config, device=device, work=work,
+                        log=lambda m: console.print(m, highlight=False, markup=False))
     Console().print(result["summary"])
     console.print(f"report: {result['out']} ({result['seconds']:.0f} s)")
     _print_listening(result.get("listening"))
@@ -209,68 +239,29 @@ def _print_listening(listening: Optional[dict]) -> None:
                           f"shorter --excerpt", highlight=False, soft_wrap=True)
 
 
-@app.command("demo")
-def demo(
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    work: Optional[Path] = WorkOpt,
-):
+def demo(device: Optional[str] = DeviceOpt, work: Optional[Path] = WorkOpt):
     """The whole pipeline offline on the embedded synthetic dataset with the shipped base models."""
     run_cmd(CONFIGS / "demo.toml", device=device, work=work)
 
 
-@app.command("separate")
 def separate_cmd(
     files: List[Path] = typer.Argument(..., help="Audio files to separate (wav, flac, ...; mono or stereo, any rate)."),
-    ensemble: str = typer.Option(..., "--ensemble", "-e", help="Run folder (blend, conv1x1, mdx-mixer) or a run name under <work>/runs."),
+    ensemble: str = typer.Option(..., "--ensemble", "-e", help="Run folder (any ensemble method) or a run name under <work>/runs."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<file stem>/<target>.<format>."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = DeviceOpt,
     offline: bool = typer.Option(False, "--offline", help="Never download; fail fast on missing weights."),
     fmt: str = typer.Option("wav", "--format", help="wav (32-bit float) or flac (24-bit)."),
+    consistency: Optional[str] = typer.Option(None, help="Project the estimates onto the mixture: none, equal or energy (default: as the run was fitted)."),
     work: Optional[Path] = WorkOpt,
 ):
     """Separate new songs with a trained ensemble; base models run through the stem cache."""
-    from pipeline.separate import separate_files
-
-    separate_files(files, ensemble, out, work=work_dir(work), force=force,
-                   device=device or default_device(), offline=offline, fmt=fmt,
-                   log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    stages.separate(files, ensemble, out, force=force, device=device, offline=offline, fmt=fmt,
+                    consistency=consistency, work=work, log=_log)
 
 
-def store_dataset_id(spec: str, work: Path, ingest: bool = False) -> str:
-    """A dataset id in the store, from an id or from the dataset's folder / 'synthetic'.
-
-    ingest: a dataset not yet in the store is stored first (as `pipeline cache -d` does), for
-    stages that read only the dataset's own audio; else that is an error saying so.
-    """
-    from core.store import StemStore
-
-    store = StemStore(store_dir(work))
-    if spec in store.datasets():
-        return spec
-    ds = open_dataset_spec(spec, work)
-    if ingest:
-        from cache.run import ingest_dataset
-
-        ingest_dataset(store, ds)
-    else:
-        store.dataset_info(ds.id)  # a clear error when it was never cached
-    return ds.id
-
-
-def _run_dir(work: Path, name: str, out: Optional[Path]) -> Path:
-    from core.config import check_name, runs_dir
-
-    return out or runs_dir(work) / check_name(name, "--name")
-
-
-ModelsOpt = typer.Option(..., "--model", "-m", help="Cached base model (name or store key). Repeatable.")
-DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="Dataset (store id, folder, or 'synthetic').")
-
-
-@app.command("train-base")
 def train_base_cmd(
-    family: str = typer.Option(..., "--family", "-f", help="umx (Open-Unmix), xumx (X-UMX), demucs (HDemucs / HTDemucs) or roformer (BS-/Mel-RoFormer, saved in MSST format)."),
+    family: str = typer.Option(..., "--family", "-f", help="The family to train: its recipe's name (see the README's family table)."),
     dataset: str = DatasetOpt,
     name: Optional[str] = typer.Option(None, help="Run name (default <family>-<preset>): <work>/runs/NAME."),
     preset: str = typer.Option("small", help="tiny (tests), small (~15-30 min on 2 CPU cores), paper (GPU)."),
@@ -285,68 +276,41 @@ def train_base_cmd(
     select_split: Optional[str] = typer.Option(None, "--select-split", help="Split whose loss picks the best epoch: valid (default when the dataset has one), select (a fixed tenth of train; the rest trains) or train."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     amp: str = typer.Option("off", help="Mixed precision on GPU: off, auto, bf16, fp16."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = DeviceOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Cross-fit: K fold models (RUN/fold-k/), the k-th trained on the training tracks outside fold k, cached as one model that separates each training track with the fold model that never saw it (other audio: their mean). Needs --select-split select."),
     work: Optional[Path] = WorkOpt,
 ):
     """Train a base separator of one family on a cached dataset; the model lands in RUN/model/."""
-    from core.store import StemStore
-    from separators.train_base import family_of, train_base
-
-    w = work_dir(work)
-    family_of(family)   # a typo fails before the dataset is ingested
-    run = _run_dir(w, name or f"{family}-{preset}", out)
-    if fresh and run.exists() and (run / "config.json").exists():
-        raise PipelineError(f"{run}: run folder exists; remove it or choose another --name to start over")
-    ds_id = store_dataset_id(dataset, w, ingest=True)
-    result = train_base(StemStore(store_dir(w)), ds_id, family, preset, run,
-                        targets=target or None, seed=seed, epochs=epochs, batch_size=batch,
-                        segment=segment, lr=lr, arch=arch, xumx_loss=xumx_loss,
-                        device=device or default_device(), resume=not fresh, amp=amp,
-                        num_workers=workers, select_split=select_split,
-                        command="pipeline " + " ".join(sys.argv[1:]))
+    result = stages.train_base(family, dataset, name=name, preset=preset, arch=arch,
+                               xumx_loss=xumx_loss, targets=target, epochs=epochs, batch=batch,
+                               segment=segment, lr=lr, seed=seed, select_split=select_split,
+                               workers=workers, amp=amp, device=device, out=out, fresh=fresh,
+                               folds=folds, work=work)
     console.print(f"model written to {result.model_dir} (best epoch {result.best_epoch}, "
                   f"valid loss {result.best_valid:.4g}); use it with `pipeline cache -m {result.model_dir}`")
 
 
-@app.command("blend")
 def blend(
     model: List[str] = ModelsOpt,
     dataset: str = DatasetOpt,
-    method: str = typer.Option("blend", help="blend (Danna-Sep: per-source weights searched), band-blend (per-source, per-band weights searched), or MSST's / UVR's avg-wave, median-wave, min-wave, max-wave, avg-spec, median-spec, min-spec (UVR Min Spec), max-spec (UVR Max Spec)."),
+    method: str = typer.Option("blend", help="The ensemble method (see above)."),
     name: Optional[str] = typer.Option(None, help="Run name (default: the method): the run folder is <work>/runs/NAME."),
-    step: float = typer.Option(0.05, help="blend, band-blend: grid step on the weight simplex."),
-    objective: str = typer.Option("museval", help="blend, band-blend: museval (median/median framewise SDR) or usdr (mean whole-track SDR)."),
-    split: Optional[str] = typer.Option(None, help="blend, band-blend: split to search on (default valid for blend, select for band-blend)."),
-    bands: int = typer.Option(8, help="band-blend: number of frequency bands."),
-    band_scale: str = typer.Option("mel", help="band-blend: mel or octave band spacing."),
-    weights: Optional[str] = typer.Option(None, help="avg-wave, avg-spec: one weight per model, in -m order, e.g. 2,1,1 (default equal)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing run folder."),
     work: Optional[Path] = WorkOpt,
+    **options,
 ):
-    """Ensembles that train nothing: the Danna-Sep blend, the band-wise blend, spectral ensembles."""
-    from core.store import StemStore
-    from mixer.methods import build
-
-    w = work_dir(work)
-    run = _run_dir(w, name or method, out)
-    if (run / "config.json").exists() and not force:
-        raise PipelineError(f"{run}: run folder exists; pass --force to overwrite or choose another --name")
-    try:
-        parsed = None if weights is None else [float(v) for v in weights.split(",")]
-    except ValueError:
-        raise PipelineError(f"--weights {weights}: expected numbers separated by commas, e.g. 2,1,1") from None
-    config = build(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, method, run,
-                   {"step": step, "objective": objective, "split": split, "bands": bands,
-                    "band_scale": band_scale, "weights": parsed})
+    """Ensembles that train nothing."""
+    config = stages.blend(model, dataset, method=method, name=name, out=out, force=force,
+                          work=work, **options)
+    run = Path(config["run"])
     if (run / "weights.md").exists():
         Console().print((run / "weights.md").read_text())
     console.print(f"{config['method']} run written to {run}")
 
 
-@app.command("select-models")
 def select_models_cmd(
     model: List[str] = ModelsOpt,
     dataset: str = DatasetOpt,
@@ -359,79 +323,41 @@ def select_models_cmd(
     name: Optional[str] = typer.Option(None, help="Selection name (default: the --by scorer): the file is <work>/selections/NAME.json."),
     out: Optional[Path] = typer.Option(None, help="Selection file (default <work>/selections/NAME.json)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing selection file."),
+    extra_data: List[str] = typer.Option([], "--extra-data", help="More data to score the sets on, DATASET[:SPLIT] each (a store id or dataset folder; SPLIT default train), e.g. remixes (`pipeline remix`). Repeatable."),
     work: Optional[Path] = WorkOpt,
 ):
     """Choose base models by greedy forward selection on the selection split; write the list."""
-    from core.config import check_name
-    from core.store import StemStore
-    from mixer.select import select_models
-
-    w = work_dir(work)
-    path = out or w / "selections" / f"{check_name(name or by, '--name')}.json"
-    if path.exists() and not force:
-        raise PipelineError(f"{path}: selection file exists; pass --force to overwrite or choose another --name")
-    result = select_models(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, by=by,
-                           split=split, objective=objective, step=step, min_gain=min_gain,
-                           backward=backward, out=path,
-                           log=lambda line: console.print(line, markup=False, highlight=False))
+    result = stages.select_models(model, dataset, by=by, split=split, objective=objective,
+                                  step=step, min_gain=min_gain, backward=backward, name=name,
+                                  out=out, force=force, extra_data=extra_data, work=work,
+                                  log=lambda line: console.print(line, markup=False, highlight=False))
+    path = result["file"]
     console.print(f"chose {', '.join(m['name'] for m in result['models'])} "
                   f"({objective} SDR {result['score']:.3f} dB); written to {path}\n"
                   f"use it in an experiment file: models_from = \"{path}\"", markup=False, highlight=False)
 
 
-@app.command("train-mixer")
 def train_mixer_cmd(
     model: List[str] = ModelsOpt,
-    arch: str = typer.Option("mdx-mixer", help="conv1x1 (time-invariant) or mdx-mixer (time-varying)."),
+    arch: str = typer.Option("mdx-mixer", help="The mixer architecture (see above)."),
     dataset: str = DatasetOpt,
     name: Optional[str] = typer.Option(None, help="Run name (default: the architecture and preset)."),
-    preset: str = typer.Option("cpu", help="paper (T=2^18,F=2^7,N=8), ablation-17, ablation-16, cpu (T=2^16,F=2^5,N=2), demo (T=2^14,F=2^5,N=1), tiny."),
-    T: Optional[int] = typer.Option(None, "-T", help="Segment length in samples (overrides the preset)."),
-    F: Optional[int] = typer.Option(None, "-F", help="Fold factor (overrides the preset)."),
-    N: Optional[int] = typer.Option(None, "-N", help="MLP-Mixer layers (overrides the preset)."),
-    p: float = typer.Option(0.0, "-p", help="Dropout."),
-    with_mixture: bool = typer.Option(True, "--with-mixture/--without-mixture", help="Feed the mixture as input channels."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default 50 conv1x1, 100 mdx-mixer)."),
-    batch: int = typer.Option(4, help="Batch size per device."),
-    lr: float = typer.Option(3e-4, help="Adam learning rate."),
-    shift: int = typer.Option(2 ** 15, help="Shift between training segments, samples."),
-    max_segments: Optional[int] = typer.Option(None, help="Cap on training segments per epoch."),
-    workers: int = typer.Option(0, help="DataLoader worker processes."),
-    seed: int = typer.Option(0, help="Random seed."),
-    init: str = typer.Option("average", help="average: start from the models' uniform average; random: PyTorch's init (the paper's)."),
-    select: str = typer.Option("valid", help="Keep the epoch with the lowest loss on this split: valid, select (a fixed tenth of train; the mixer trains on the rest), test or train; or 'last' (no held-out split is read). Use select or last when valid is your evaluation split."),
-    base: Optional[str] = typer.Option(None, help="mdx-mixer: a finished conv1x1 run (folder or name) on the same inputs; the MDX-Mixer then learns per-segment corrections of its W (W_k = W + ΔW_k)."),
-    penalty: float = typer.Option(0.0, help="With --base: weight of the penalty on the corrections ΔW_k."),
-    penalty_norm: str = typer.Option("l2", help="With --base: l2 (mean square) or l1 (mean absolute) penalty."),
-    lr_schedule: str = typer.Option("constant", help="constant, or cosine (per epoch, down to lr/10)."),
-    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
-    jitter: bool = typer.Option(False, "--jitter", help="Start each training segment at a random offset (0..shift-1) drawn anew every epoch."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = DeviceOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder (default <work>/runs/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an existing run."),
     work: Optional[Path] = WorkOpt,
+    **options,
 ):
-    """Train a conv1x1 or MDX-Mixer mixing-weight estimator on cached stems (resumes when re-run)."""
-    from core.store import StemStore
-    from mixer.train import train_mixer
-
-    w = work_dir(work)
-    run = _run_dir(w, name or f"{arch}-{preset}", out)
-    result = train_mixer(StemStore(store_dir(w)), store_dataset_id(dataset, w), model, arch, run,
-                         with_mixture=with_mixture, preset=preset, T=T, F=F, N=N, p=p, epochs=epochs,
-                         batch=batch, lr=lr, shift=shift, seed=seed, device=device or default_device(),
-                         resume=not fresh, max_segments_per_epoch=max_segments, num_workers=workers,
-                         init=init, select=select, penalty=penalty, penalty_norm=penalty_norm,
-                         base=None if base is None else _run_dir(w, base, Path(base) if Path(base).exists() else None),
-                         lr_schedule=lr_schedule, weight_decay=weight_decay, jitter=jitter)
-    console.print(f"mixer run written: {result.summary()}")
+    """Train a mixing-weight estimator on cached stems (resumes when re-run)."""
+    config = stages.train_mixer(model, arch, dataset, name=name, out=out, fresh=fresh,
+                                device=device, work=work, **options)
+    console.print(f"mixer run written: {config['summary']}")
 
 
-@app.command("evaluate")
 def evaluate_cmd(
     dataset: str = DatasetOpt,
     model: List[str] = typer.Option([], "--model", "-m", help="Base models (default: every cached model with stems for the split)."),
-    run: List[Path] = typer.Option([], "--run", "-r", help="Mixer run folder or name under <work>/runs. Repeatable."),
+    run: List[Path] = typer.Option([], "--run", "-r", help="Run folder (any ensemble method) or name under <work>/runs. Repeatable."),
     all_runs: bool = typer.Option(False, "--all-runs", help="Every run folder in <work>/runs for this dataset."),
     estimates: List[str] = typer.Option([], "--estimates", help="NAME=DIR: score a folder of estimates (museval layout) too."),
     split: str = typer.Option("test", help="Split to evaluate."),
@@ -440,74 +366,22 @@ def evaluate_cmd(
     full_metrics: bool = typer.Option(False, "--full-metrics", help="Also ISR/SIR/SAR through museval (slow)."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default <work>/reports/<dataset>-<split>)."),
     html: bool = typer.Option(True, "--html/--no-html", help="Write report.html with every estimate playable (see `pipeline report`)."),
+    save_estimates: Optional[Path] = typer.Option(None, "--save-estimates", help="Also write every system's estimates as WAV, DIR/<system>/<split>/<track>/<source>.wav (museval layout), from the pass that scores them."),
     device: Optional[str] = typer.Option(None, help="Device for mixers."),
     work: Optional[Path] = WorkOpt,
 ):
-    """Score every system (base models, selections, blends, mixers, oracles) side by side."""
-    from core.config import reports_dir, runs_dir
-    from core.store import StemStore
-    from reports.evaluate import evaluate
-
-    w = work_dir(work)
-    store = StemStore(store_dir(w))
-    ds_id = store_dataset_id(dataset, w, ingest=True)   # scoring estimates needs only the dataset
-    models = list(model)
-    for item in estimates:
-        if "=" not in item:
-            raise PipelineError(f"--estimates {item}: expected NAME=DIR")
-        est_name, folder = item.split("=", 1)
-        from cache.imported import import_estimates
-        from core.datasets import open_dataset
-
-        ds = open_dataset(store.dataset_info(ds_id)["root"])
-        import_estimates(store, ds, est_name, Path(folder), splits=[split])
-        models = models or [k for k in store.models() if store.model_info(k)["family"] != "imported"]
-        models.append(est_name)
-    runs = [r if r.exists() else runs_dir(w) / r for r in run]
-    if all_runs and runs_dir(w).exists():
-        from core.store import read_json
-
-        runs += [d for d in sorted(runs_dir(w).iterdir()) if (d / "config.json").exists()
-                 and read_json(d / "config.json").get("dataset") == ds_id and d not in runs]
-    for r in runs:
-        if not (r / "config.json").exists():
-            raise PipelineError(f"{r}: not a run folder (no config.json)")
-    if out is None:
-        from core.config import check_name
-
-        out = reports_dir(w) / check_name(f"{ds_id}-{split}", "report name (from --split)")
-    result = evaluate(store, ds_id, models=models, runs=runs, split=split, out=out,
-                      cache_root=w / "evalcache", selection_split=selection_split, oracles=oracles,
-                      full_metrics=full_metrics, device=device, listening=html)
+    """Score every system (base models, selections, ensembles, oracles) side by side."""
+    result = stages.evaluate(dataset, models=model, runs=run, all_runs=all_runs,
+                             estimates=estimates, split=split, selection_split=selection_split,
+                             oracles=oracles, full_metrics=full_metrics, out=out, html=html,
+                             save_estimates=save_estimates, device=device, work=work)
     Console().print(result["summary"])
-    console.print(f"report written to {out}")
+    console.print(f"report written to {result['out']}")
+    if save_estimates is not None:
+        console.print(f"estimates written to {save_estimates}")
     _print_listening(result.get("listening"))
 
 
-def _report_dir(target: str, work: Path) -> Path:
-    """A report folder; a name under <work>/reports; or a mixer run, whose one report it is."""
-    from core.config import reports_dir, runs_dir
-    from core.store import read_json
-
-    for d in (Path(target), reports_dir(work) / target):
-        if (d / "evaluation.json").exists():
-            return d
-    run = next((d for d in (Path(target), runs_dir(work) / target) if (d / "config.json").exists()), None)
-    if run is None:
-        raise PipelineError(f"{target}: neither a report folder (with evaluation.json), nor a report "
-                            f"or run name under {work}")
-    found = [p.parent for p in sorted(reports_dir(work).glob("*/evaluation.json"))
-             if any(s.get("run") and Path(s["run"]).resolve() == run.resolve()
-                    for s in read_json(p)["systems"])]
-    if len(found) != 1:
-        raise PipelineError(f"{run}: " + (f"evaluated in {len(found)} reports ({', '.join(map(str, found))}); "
-                                          f"give the report folder" if found else
-                                          f"no report under {reports_dir(work)} evaluates this run; "
-                                          f"run `pipeline evaluate --run {run}` first"))
-    return found[0]
-
-
-@app.command("report")
 def report_cmd(
     target: str = typer.Argument(..., help="Report folder, report name under <work>/reports, or a mixer run that one report evaluates."),
     track: List[str] = typer.Option([], "--track", "-t", help="Tracks to listen to (default: every evaluated track). Repeatable."),
@@ -520,19 +394,64 @@ def report_cmd(
     work: Optional[Path] = WorkOpt,
 ):
     """Rebuild report.html (the listening report) of an evaluation, choosing tracks, systems, excerpts."""
-    from core.store import StemStore, read_json
-    from reports.evaluate import listening_report
-    from reports.listening import ListeningOptions
-
-    w = work_dir(work)
-    out = _report_dir(target, w)
-    recorded = Path(read_json(out / "evaluation.json").get("store", store_dir(w)))
-    store = StemStore(recorded if recorded.exists() else store_dir(w))
-    options = ListeningOptions(tracks=tuple(track), systems=tuple(system), excerpt=excerpt,
-                               whole_below=whole_below, kbps=kbps, max_mb=max_mb)
-    _print_listening(listening_report(out, store, options, device=device))
+    _print_listening(stages.report(target, tracks=track, systems=system, excerpt=excerpt,
+                                   whole_below=whole_below, kbps=kbps, max_mb=max_mb,
+                                   device=device, work=work))
 
 
+# ---- the app ---------------------------------------------------------------------------------
+def _listing(records, what: str) -> str:
+    return f"\n\n{what}:\n\n" + "\n\n".join(f"[bold]{r.name}[/]: {r.summary}" for r in records)
+
+
+def build_app() -> typer.Typer:
+    """The command line, with the options of every registered method, mixer and family."""
+    from mixer import methods
+    from mixer.models import ARCHS
+    from separators.families import FAMILIES, common_options
+
+    app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
+                      help="Ensemble music source separators: cache base models' stems, blend / "
+                           "learn mixing weights, evaluate with museval-exact SDR, separate new "
+                           "songs.")
+    app.callback()(_main)
+    cache_app = typer.Typer(rich_markup_mode="rich", invoke_without_command=True,
+                            help="Run base separators once over a dataset and keep their stems in "
+                                 "the stem store ([bold]ls[/], [bold]verify[/], [bold]import[/] "
+                                 "manage it)." + _listing(FAMILIES.records(), "Families"))
+    families = [(f.name, f.options) for f in FAMILIES.records()] + [("every family", common_options())]
+    cache_app.callback()(with_record_options(cache, record_options(families)))
+    cache_app.command("import")(cache_import)
+    cache_app.command("ls")(cache_ls)
+    cache_app.command("verify")(cache_verify)
+    app.add_typer(cache_app, name="cache")
+
+    fixed, learned = methods.records(learned=False), methods.records(learned=True)
+    app.command("make-dataset")(make_dataset)
+    app.command("remix")(remix_cmd)
+    app.command("run")(run_cmd)
+    app.command("demo")(demo)
+    app.command("separate")(separate_cmd)
+    trainable = ", ".join(f"[bold]{f.recipe.name}[/] ({f.name})" for f in FAMILIES.records()
+                          if f.recipe is not None)
+    app.command("train-base", help=f"{train_base_cmd.__doc__}\n\nFamilies (--family): "
+                                   f"{trainable}.")(train_base_cmd)
+    app.command("blend", help=blend.__doc__ + _listing(fixed, "Methods (--method)"))(
+        with_record_options(blend, record_options([(m.name, m.options) for m in fixed])))
+    app.command("select-models")(select_models_cmd)
+    app.command("train-mixer", help=train_mixer_cmd.__doc__ + _listing(
+        [ARCHS.get(m.name) for m in learned], "Architectures (--arch)"))(
+        with_record_options(train_mixer_cmd, record_options([(m.name, m.options) for m in learned])))
+    app.command("evaluate")(evaluate_cmd)
+    app.command("report")(report_cmd)
+    return app
+
+
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+# ---- errors as one line ------------------------------------------------------------------------
 def _print_error(message: str) -> None:
     """`error: ...` as one line on stderr, whatever the message holds."""
     from rich.markup import escape
@@ -573,7 +492,7 @@ def main(argv=None) -> None:
     usage_errors, aborts, exits = _click_exceptions()
     try:
         # standalone_mode=False returns typer.Exit's code instead of exiting
-        code = app(args=argv, prog_name="pipeline", standalone_mode=False)
+        code = build_app()(args=argv, prog_name="pipeline", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except PipelineError as e:

@@ -16,11 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from core import options as opts
 from core.config import check_name
 from core.errors import PipelineError
-
-MIXERS = ("conv1x1", "mdx-mixer")   # trained by train-mixer; the rest: mixer.methods.METHODS
-MODEL_OPTIONS = ("shifts", "overlap", "segment", "niter", "residual", "wiener_win_len")
 
 
 def load_experiment(path: str | Path) -> dict:
@@ -44,20 +42,26 @@ def load_experiment(path: str | Path) -> dict:
     return validate(config, path)
 
 
-# [[systems]] keys: every system's, a learned mixer's (train_mixer's arguments); an ensemble
-# that trains nothing takes its options in mixer.methods.OPTIONS. `models_from` names a
-# selection file (`pipeline select-models`) instead of listing `models`.
+# [[systems]] keys: these, and the method's options (mixer.methods: each method's record; a
+# learned mixer's are train-mixer's). `models_from` names a selection file (`pipeline
+# select-models`) instead of listing `models`.
 COMMON_KEYS = ("name", "method", "models", "models_from")
-MIXER_KEYS = ("preset", "T", "F", "N", "p", "epochs", "batch", "lr", "shift", "seed",
-              "max_segments_per_epoch", "num_workers", "init", "select", "with_mixture",
-              "base", "penalty", "penalty_norm", "lr_schedule", "weight_decay", "jitter")
-# [[models]] keys; [[train]] keys: train_base's arguments ("model" / "train": its model_options /
-# train_options tables, "batch": batch_size)
-MODELS_KEYS = ("spec", "trained", "name", "repo") + MODEL_OPTIONS
+# [[models]] keys: these, and the base-model families' inference options; [[train]] keys:
+# train_base's arguments ("model" / "train": its model_options / train_options tables, "batch":
+# batch_size)
+MODELS_KEYS = ("spec", "trained", "name", "repo")
 TRAIN_KEYS = ("name", "family", "preset", "epochs", "lr", "seed", "select_split", "batch",
               "segment", "samples_per_epoch", "arch", "xumx_loss", "targets", "model", "train",
-              "amp", "num_workers")
+              "amp", "num_workers", "folds")
+# [[remix]] keys: `pipeline remix`'s options; `folds_of` names a [[train]] stage with `folds`
+REMIX_KEYS = ("name", "split", "n", "seed", "folds_of", "duration", "gain_db")
 EVALUATE_KEYS = ("split", "selection_split", "oracles", "full_metrics", "out")
+
+
+def model_options() -> tuple[str, ...]:
+    from separators.families import option_names
+
+    return tuple(sorted(option_names()))
 
 
 def _check_keys(path, what: str, table: dict, allowed) -> None:
@@ -68,9 +72,11 @@ def _check_keys(path, what: str, table: dict, allowed) -> None:
 
 
 def _overlap(a: str, b: str) -> bool:
-    """Whether two splits share tracks (select and fit are parts of train)."""
-    part_of = {"select": "train", "fit": "train"}
-    return a == b or part_of.get(a) == b or part_of.get(b) == a
+    """Whether two splits share tracks (select, fit and the folds are parts of train)."""
+    from core.splits import is_part_of_train
+
+    parent = lambda s: "train" if is_part_of_train(s) else s   # noqa: E731
+    return a == b or parent(a) == b or parent(b) == a
 
 
 def _honest(path, evaluated: str, what: str, split: str, key: str) -> None:
@@ -99,6 +105,11 @@ def _validate_train(stages: list, path) -> dict[str, dict]:
         if preset not in PRESET_NAMES:
             raise PipelineError(f"{path}: [[train]] '{name}' has preset {preset!r}; choose one of "
                                 f"{', '.join(PRESET_NAMES)}")
+        if "folds" in t and (not isinstance(t["folds"], int) or isinstance(t["folds"], bool)
+                             or t["folds"] < 2 or t.get("select_split") != "select"):
+            raise PipelineError(f"{path}: [[train]] '{name}': folds = {t['folds']!r} needs an "
+                                f"integer >= 2 and select_split = \"select\" (the folds share "
+                                f"the training tracks outside it)")
         for sub in ("model", "train"):
             if not isinstance(t.get(sub, {}), dict):
                 raise PipelineError(f"{path}: [[train]] '{name}': '{sub}' must be a table of options")
@@ -125,16 +136,23 @@ def validate(config: dict, path) -> dict:
     trained = _validate_train(config.get("train", []), path)
     for m in config["models"]:
         what = f"[[models]] '{m.get('name') or m.get('spec') or m.get('trained')}'"
-        _check_keys(path, what, m, MODELS_KEYS)
+        _check_keys(path, what, m, MODELS_KEYS + model_options())
         if ("spec" in m) == ("trained" in m):
             raise PipelineError(f"{path}: every [[models]] needs either a 'spec' (pretrained name, "
                                 f"shipped name or path) or 'trained' (the name of a [[train]] stage)")
+        try:
+            from separators.tta import check
+
+            check({k: m[k] for k in model_options() if k in m})
+        except PipelineError as e:
+            raise PipelineError(f"{path}: {what}: {e}") from None
         if "trained" in m and m["trained"] not in trained:
             raise PipelineError(f"{path}: {what} refers to trained = {m['trained']!r}, which is "
                                 f"not a [[train]] stage ({', '.join(trained) or 'none declared'})")
     ev = config.get("evaluate", {})
     _check_keys(path, "[evaluate]", ev, EVALUATE_KEYS)
     evaluated = ev.get("split", "test")
+    remixes = _validate_remix(config.get("remix", []), trained, evaluated, path)
     _honest(path, evaluated, "[evaluate] selection_split (best per source)",
             ev.get("selection_split", "valid"), "selection_split")
     for name, t in trained.items():
@@ -143,50 +161,79 @@ def validate(config: dict, path) -> dict:
                 t.get("select_split", "valid"), "select_split")
         _honest(path, evaluated, f"[[train]] '{name}' (training data)",
                 "fit" if t.get("select_split") == "select" else "train", "select_split")
-    from mixer.methods import OPTIONS
+    from mixer import methods
 
-    names, conv1x1 = set(), []
+    names = {}
     for s in config.get("systems", []):
-        if s.get("method") not in tuple(OPTIONS) + MIXERS:
+        if s.get("method") not in methods.names():
             raise PipelineError(f"{path}: system '{s.get('name')}' has method {s.get('method')!r}; "
-                                f"choose one of {', '.join(tuple(OPTIONS) + MIXERS)}")
+                                f"choose one of {', '.join(methods.names())}")
         if not s.get("name") or s["name"] in names:
             raise PipelineError(f"{path}: every [[systems]] needs a unique 'name'")
         check_name(s["name"], f"{path}: system name")
         if "models" in s and "models_from" in s:
             raise PipelineError(f"{path}: system '{s['name']}' has both 'models' and "
                                 f"'models_from'; give one")
-        method = s["method"]
-        allowed = COMMON_KEYS + (tuple(OPTIONS[method]) if method in OPTIONS else MIXER_KEYS)
-        _check_keys(path, f"system '{s['name']}' ({method})", s, allowed)
+        method = methods.get(s["method"])
         what = f"system '{s['name']}'"
-        if method in OPTIONS:
-            if "split" in OPTIONS[method]:   # blend, band-blend: the split their weights are searched on
-                _honest(path, evaluated, f"{what} ({method} search)",
-                        s.get("split", OPTIONS[method]["split"]), "split")
-        else:
-            select = s.get("select", "valid")
-            if select != "last":
-                _honest(path, evaluated, f"{what} (best epoch)", select, "select")
-            _honest(path, evaluated, f"{what} (training data)",
-                    "fit" if select == "select" else "train", "select")
-            if "base" in s and s["base"] not in conv1x1:
-                raise PipelineError(f"{path}: {what} has base = {s['base']!r}: name a conv1x1 "
-                                    f"system listed before it ({', '.join(conv1x1) or 'none'})")
-        if method == "conv1x1":
-            conv1x1.append(s["name"])
-        names.add(s["name"])
+        specs = opts.specs(method.options)
+        _check_keys(path, f"{what} ({method.name})", s,
+                    COMMON_KEYS + tuple(x.experiment_key for x in specs))
+        try:
+            options = methods.build_options(method, _options_of(s, specs), f"{path}: {what}")
+        except PipelineError as e:
+            raise PipelineError(str(e)) from None
+        for reading, split, key in method.reads(options):
+            _honest(path, evaluated, f"{what} ({method.name} {reading})", split, key)
+        unknown = [r for r in getattr(options, "extra_data", ()) if r not in remixes]
+        if unknown:   # a dataset named here could be anything, the evaluation split included
+            raise PipelineError(f"{path}: {what} has extra_data {', '.join(map(repr, unknown))}; "
+                                f"name [[remix]] stages ({', '.join(remixes) or 'none declared'})")
+        for x in specs:   # an option naming another system's run: one listed before
+            if x.refers and x.experiment_key in s:
+                kind = x.refers.partition(":")[2]   # "run:conv1x1": a conv1x1 system's
+                fits = [n for n, m in names.items() if not kind or m == kind]
+                if s[x.experiment_key] not in fits:
+                    raise PipelineError(f"{path}: {what} has {x.experiment_key} = "
+                                        f"{s[x.experiment_key]!r}: name a {kind or 'system'}"
+                                        f"{' system' if kind else ''} listed before it "
+                                        f"({', '.join(fits) or 'none'})")
+        names[s["name"]] = method.name
     return config
 
 
-def _model_ref(ref: str, keys: dict[str, str]) -> str:
+def _validate_remix(stages: list, trained: dict[str, dict], evaluated: str, path) -> dict[str, dict]:
+    if not isinstance(stages, list):
+        raise PipelineError(f"{path}: 'remix' must be a list of [[remix]] tables")
+    by_name = {}
+    for r in stages:
+        name = r.get("name")
+        if not name or not isinstance(name, str) or name in by_name or name in trained:
+            raise PipelineError(f"{path}: every [[remix]] needs a unique 'name' (its dataset "
+                                f"<work>/data/<name>), got {name!r}")
+        check_name(name, f"{path}: [[remix]] name")
+        _check_keys(path, f"[[remix]] '{name}'", r, REMIX_KEYS)
+        _honest(path, evaluated, f"[[remix]] '{name}' (its stems)", r.get("split", "train"), "split")
+        ref = r.get("folds_of")
+        if ref is not None and not trained.get(ref, {}).get("folds"):
+            raise PipelineError(f"{path}: [[remix]] '{name}' has folds_of = {ref!r}; name a "
+                                f"[[train]] stage with folds")
+        by_name[name] = r
+    return by_name
+
+
+def _options_of(system: dict, specs) -> dict:
+    return {x.experiment_key: system[x.experiment_key] for x in specs if x.experiment_key in system}
+
+
+def _model_ref(ref: str, keys: dict[str, list[str]]) -> list[str]:
     if ref not in keys:
         raise PipelineError(f"system refers to model '{ref}', which is not among the experiment's "
                             f"models ({', '.join(keys)})")
     return keys[ref]
 
 
-def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> list[str]:
+def _system_models(system: dict, keys: dict[str, list[str]], all_keys: list[str]) -> list[str]:
     """The store keys of a system's models: `models`, a `models_from` selection file, or all."""
     if "models_from" in system:
         from mixer.select import read_selection
@@ -197,20 +244,20 @@ def _system_models(system: dict, keys: dict[str, str], all_keys: list[str]) -> l
                 raise PipelineError(f"{system['models_from']}: chose model {key}, which is not "
                                     f"among the experiment's models ({', '.join(all_keys)})")
         return chosen
-    return [_model_ref(r, keys) for r in system.get("models", [])] or all_keys
+    return [k for r in system.get("models", []) for k in _model_ref(r, keys)] or all_keys
 
 
 def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: str,
                  progress: bool, log) -> dict[str, Path]:
     """Train (or resume, or keep as finished) every [[train]] stage; {name: its model folder}."""
     from core.config import runs_dir
-    from separators.train_base import train_base
+    from separators.crossfit import train
 
     models = {}
     for t in config.get("train", []):
         t0 = time.perf_counter()
         run_dir = runs_dir(work) / t["name"]
-        result = train_base(
+        result = train(
             store, dataset_id, t["family"], t.get("preset", "small"), run_dir,
             targets=t.get("targets"), seed=t.get("seed", 0), epochs=t.get("epochs"),
             batch_size=t.get("batch"), segment=t.get("segment"),
@@ -218,10 +265,12 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
             xumx_loss=t.get("xumx_loss"), model_options=t.get("model"),
             train_options=t.get("train"), device=device, amp=t.get("amp", "off"),
             num_workers=t.get("num_workers", 0), progress=progress,
-            select_split=t.get("select_split"),
+            select_split=t.get("select_split"), folds=t.get("folds"),
             command=f"pipeline run ({config['name']}, [[train]] {t['name']})")
         state = ("finished earlier, kept" if result.kept else
                  f"trained in {time.perf_counter() - t0:.0f} s")
+        if t.get("folds"):
+            state += f", cross-fitted: {t['folds']} fold models"
         log(f"[train] {t['name']}: {state} (best epoch {result.best_epoch} of "
             f"{result.config['train']['epochs']}, {result.config['splits']['select']} loss "
             f"{result.best_valid:.4g})")
@@ -229,26 +278,69 @@ def train_stages(config: dict, store, dataset_id: str, work: Path, *, device: st
     return models
 
 
-def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
-                progress: bool, log) -> dict[str, str]:
-    """Cache every [[models]] entry on `splits` (None: all); {spec, name, trained name: key}."""
-    from cache.run import cache_model
-    from separators.registry import load_separator
+def remix_stages(config: dict, store, dataset_id: str, work: Path, *, progress: bool,
+                 log) -> dict[str, object]:
+    """Write (or keep) every [[remix]] dataset and store it; {name: its core.datasets.Dataset}."""
+    from cache.run import ingest_dataset
+    from core.config import runs_dir
+    from core.datasets import open_dataset
+    from core.remix import RemixParams, describe, remix
 
-    keys: dict[str, str] = {}
-    for m in config["models"]:
-        options = {k: m[k] for k in MODEL_OPTIONS if k in m}
-        spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
-        sep = load_separator(spec, device=device, offline=config.get("offline", True),
-                             repo=m.get("repo"), options=options)
-        spec = str(Path(spec).resolve()) if Path(spec).exists() else spec
-        s = cache_model(store, dataset, sep, splits=splits, progress=progress,
-                        load={"spec": spec, "repo": m.get("repo"), "options": options})
-        for ref in (m.get("spec"), m.get("trained"), m.get("name", sep.name)):
+    out = {}
+    for r in config.get("remix", []):
+        ref = r.get("folds_of")
+        params = RemixParams(dataset_id, r.get("split", "train"), int(r.get("n", 80)),
+                             int(r.get("seed", 0)), float(r.get("duration", 6.0)),
+                             float(r.get("gain_db", 3.0)),
+                             None if ref is None else str(runs_dir(work) / ref))
+        root = work / "data" / r["name"]
+        manifest = remix(store, params, root, progress=progress)
+        ds = open_dataset(root)
+        ingest_dataset(store, ds, progress=progress)
+        log(f"[remix] {r['name']}: {describe(manifest)} ({ds.id})")
+        out[r["name"]] = ds
+    return out
+
+
+def remix_models(config: dict, remixes: dict) -> dict[str, list[int]]:
+    """{remix name: the [[models]] entries (indices) some system fits on it}: a model is cached
+    on a remix only when a system needs it there."""
+    wanted: dict[str, set[int]] = {name: set() for name in remixes}
+    refs = {}
+    for i, m in enumerate(config["models"]):
+        for ref in (m.get("spec"), m.get("trained"), m.get("name")):
             if ref:
-                keys[ref] = s["key"]
-        log(f"[cache] {sep.name}: {s['computed']} tracks separated, {s['skipped']} cached "
-            f"({s['seconds']:.1f} s)")
+                refs[ref] = i
+    for s in config.get("systems", []):
+        chosen = ([refs[r] for r in s["models"] if r in refs] if "models" in s
+                  else list(range(len(config["models"]))))
+        for name in s.get("extra_data", []):
+            wanted[name] |= set(chosen)
+    return {name: sorted(v) for name, v in wanted.items()}
+
+
+def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
+                progress: bool, log, only: list[int] | None = None) -> dict[str, list[str]]:
+    """Cache every [[models]] entry (only: those of these indices) on `splits` (None: all);
+    {its spec, name or trained name, and each model's own name: the store keys} (an entry under
+    `tta_members` is several models)."""
+    from cache.run import cache_spec
+
+    keys: dict[str, list[str]] = {}
+    for i, m in enumerate(config["models"]):
+        if only is not None and i not in only:
+            continue
+        options = {k: m[k] for k in model_options() if k in m}
+        spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
+        cached = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
+                            repo=m.get("repo"), options=options, splits=splits, progress=progress)
+        for ref in (m.get("spec"), m.get("trained"), m.get("name")):
+            if ref:
+                keys[ref] = [s["key"] for s in cached]
+        for s in cached:
+            keys.setdefault(s["name"], [s["key"]])
+            log(f"[cache] {s['name']}{'' if only is None else ' on ' + dataset.root.name}: "
+                f"{s['computed']} tracks separated, {s['skipped']} cached ({s['seconds']:.1f} s)")
     return keys
 
 
@@ -275,7 +367,6 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     from core.datasets import open_dataset_spec
     from core.store import StemStore
     from mixer import methods
-    from mixer.train import train_mixer
     from reports.evaluate import evaluate
 
     t_start = time.perf_counter()
@@ -301,31 +392,34 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     ev = config.get("evaluate", {})
     split = ev.get("split", "test")
     before, after = _cache_phases(config, split)
+    remixes = remix_stages(config, store, dataset.id, work, progress=progress, log=log)
     keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
                        progress=progress, log=log)
-    all_keys = list(dict.fromkeys(keys[m.get("spec") or m["trained"]] for m in config["models"]))
+    for rname, needed in remix_models(config, remixes).items():
+        cache_stage(config, store, remixes[rname], trained, splits=None, device=device,
+                    progress=progress, log=log, only=needed)
+    all_keys = list(dict.fromkeys(k for m in config["models"]
+                                  for k in keys[m.get("spec") or m["trained"]]))
 
     runs = []
     for system in config.get("systems", []):
         run_dir = runs_dir(work) / f"{name}-{system['name']}"
         chosen = _system_models(system, keys, all_keys)
         t0 = time.perf_counter()
-        method = system["method"]
-        if method in methods.OPTIONS:
-            wanted = methods.with_defaults(method, system)
-            if methods.is_current(run_dir, chosen, method, wanted):
-                log(f"[{method}] {system['name']}: unchanged, kept {run_dir}")
-            else:
-                methods.build(store, dataset.id, chosen, method, run_dir, wanted, progress=progress)
-                log(f"[{method}] {system['name']}: built in {time.perf_counter() - t0:.1f} s")
-        else:
-            hyper = {k: system[k] for k in MIXER_KEYS if k in system and k != "with_mixture"}
-            if "base" in hyper:   # the conv1x1 system a residual MDX-Mixer starts from
-                hyper["base"] = runs_dir(work) / f"{name}-{hyper['base']}"
-            train_mixer(store, dataset.id, chosen, system["method"], run_dir,
-                        with_mixture=system.get("with_mixture", True), device=device,
-                        progress=progress, **hyper)
-            log(f"[train-mixer] {system['name']}: {time.perf_counter() - t0:.1f} s")
+        record = methods.get(system["method"])
+        specs = opts.specs(record.options)
+        given = {x.name: (runs_dir(work) / f"{name}-{system[x.experiment_key]}"
+                          if x.refers else system[x.experiment_key])
+                 for x in specs if x.experiment_key in system}
+        if "extra_data" in given:   # [[remix]] names -> their store ids
+            given["extra_data"] = [remixes[r].id for r in given["extra_data"]]
+        options = methods.build_options(record, given)
+        if not record.learned and methods.is_current(run_dir, chosen, record.name, options):
+            log(f"[{record.name}] {system['name']}: unchanged, kept {run_dir}")
+        else:   # a learned mixer resumes, or keeps a finished run with these options, itself
+            methods.fit(store, dataset.id, chosen, record.name, run_dir, given,
+                        progress=progress, device=device)
+            log(f"[{record.name}] {system['name']}: {time.perf_counter() - t0:.1f} s")
         runs.append((system["name"], run_dir))
 
     if after:   # everything is fitted: only now are the evaluation tracks separated

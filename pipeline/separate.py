@@ -11,7 +11,7 @@ separated before is not separated again:
   re-loaded from the `load` record `cache_model` kept in its model.json (spec, repo, options),
   checked to have the very model key the run was trained on, and `cache.run.cache_model` stores
   its stems; models whose stems are all there are not even loaded;
-* the run's mixer (`mixer.apply.Mixer`) combines the stored stems, and each target is resampled
+* the run's mixer (`mixer.methods.load_mixer`) combines the stored stems, and each target is resampled
   back to the input's rate, trimmed to its length and written as DIR/<file stem>/<target>.<fmt>.
 
 Memory: a file is held once at the run's rate (plus the memmapped stems); the base models use
@@ -52,18 +52,6 @@ def files_dataset_id(rate: int) -> str:
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def resolve_run(run: str | Path, work: Path) -> Path:
-    """A run folder, or the name of one under <work>/runs."""
-    from core.config import runs_dir
-
-    path = Path(run).expanduser()
-    for candidate in (path, runs_dir(work) / str(run)):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise PipelineError(f"{run}: not a run folder (no config.json there nor in "
-                        f"{runs_dir(work) / str(run)}); run `pipeline blend` or `pipeline train-mixer` first")
-
-
 def run_rate(config: dict, store: StemStore, run_dir: Path) -> int:
     """The sample rate the run's models and mixer work at: its dataset's rate."""
     if config.get("rate"):
@@ -71,8 +59,8 @@ def run_rate(config: dict, store: StemStore, run_dir: Path) -> int:
     dataset = config.get("dataset")
     if dataset and dataset in store.datasets():
         return int(store.dataset_info(dataset)["sample_rate"])
-    if config.get("method") == "blend" and config.get("frame"):
-        return int(config["frame"])    # a blend's museval frame is one second of its dataset
+    if config.get("frame"):
+        return int(config["frame"])    # a searched blend's museval frame: one second of its dataset
     raise PipelineError(f"{run_dir / 'config.json'}: no sample rate recorded and its dataset "
                         f"'{dataset}' is not in {store.root}")
 
@@ -95,11 +83,12 @@ def check_loadable(store: StemStore, key: str) -> dict:
 # ---- the inputs ------------------------------------------------------------------------------
 @dataclass
 class InputFile:
-    path: Path
+    path: Path           # the file (for an array: a name to call it by)
     rate: int
     length: int          # samples at `rate`
     channels: int
     sha256: str
+    samples: np.ndarray | None = None   # [channels, length] for audio given as an array
 
     @property
     def out_name(self) -> str:
@@ -112,6 +101,28 @@ class InputFile:
     def length_at(self, rate: int) -> int:
         # julius's resample_frac: floor(length * new / old)
         return self.length if rate == self.rate else (self.length * int(rate)) // self.rate
+
+    def read(self) -> np.ndarray:
+        """[channels, n] float32 at `rate`."""
+        return self.samples if self.samples is not None else read_audio(self.path)[0]
+
+
+def array_input(audio, rate: int, name: str = "audio") -> InputFile:
+    """Audio given as an array: [n] (mono), [channels, n] with 1 or 2 channels, float."""
+    x = np.asarray(audio, dtype=np.float32)
+    x = x[None] if x.ndim == 1 else x
+    where = f"audio array '{name}'"
+    if x.ndim != 2 or x.shape[0] not in (1, 2):
+        raise PipelineError(f"{where}: shape {tuple(np.shape(audio))}; expected [n] or [channels, n] "
+                            f"with 1 or 2 channels")
+    if x.shape[-1] == 0:
+        raise PipelineError(f"{where}: empty audio (0 samples)")
+    if not int(rate) > 0:
+        raise PipelineError(f"{where}: sample rate {rate} must be a positive number of Hz")
+    check_finite(x, where)
+    h = hashlib.sha256(f"{int(rate)}:{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return InputFile(Path(name), int(rate), x.shape[-1], x.shape[0], h.hexdigest(), x)
 
 
 def probe_input(path: str | Path, block: int = 1 << 18) -> InputFile:
@@ -151,8 +162,7 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 
 def load_for_run(item: InputFile, rate: int) -> np.ndarray:
     """The file as stereo float32 [2, n'] at the run's rate (n' = item.length_at(rate))."""
-    x, _ = read_audio(item.path)
-    x = to_stereo(x, item.path)
+    x = to_stereo(item.read(), item.path)
     if x.shape[-1] != item.length:
         x = _fit(x, item.length)
     return _fit(resample(x, item.rate, rate), item.length_at(rate))
@@ -244,9 +254,7 @@ def cache_run_models(store: StemStore, dataset, model_keys: Sequence[str], *, de
                      offline: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     """Make sure every model of the run has stems for the dataset's tracks; re-run only those
     missing. Returns cache_model's summary per model (computed / skipped tracks)."""
-    from cache.run import cache_model, entry_of
-    from separators import registry
-    from separators.base import model_key
+    from cache.run import cache_spec, entry_of
 
     summaries = []
     for key in model_keys:
@@ -262,21 +270,15 @@ def cache_run_models(store: StemStore, dataset, model_keys: Sequence[str], *, de
         log(f"  {name}: separating {len(missing)} new file(s) "
             f"({_duration(sum(t.duration for t in missing))} of audio) ...")
         try:
-            sep = registry.load_separator(load["spec"], device=device, offline=offline,
-                                          repo=load.get("repo"), options=load.get("options") or {})
+            s, = cache_spec(store, dataset, load["spec"], device=device, offline=offline,
+                            repo=load.get("repo"), options=load.get("options") or {},
+                            progress=False, expect_key=key)
         except PipelineError as e:
             raise PipelineError(f"model '{name}' [{key}] (cached from '{load['spec']}'): cannot "
                                 f"load it again: {e}") from None
-        got = model_key(sep.identity())
-        if got != key:
-            raise PipelineError(f"model '{name}' [{key}]: '{load['spec']}' now loads a different "
-                                f"model ({got}: its weights or options changed since it was "
-                                f"cached); the run needs the model it was trained with")
-        s = cache_model(store, dataset, sep, progress=False, load=load)
         summaries.append(s)
         log(f"  {name}: separated {s['computed']} file(s), {s['skipped']} already cached "
             f"({s['seconds']:.1f} s)")
-        del sep
         _free(device)
     return summaries
 
@@ -294,14 +296,76 @@ def _duration(seconds: float) -> str:
     return f"{int(m)}:{s:04.1f}"
 
 
+class EnsembleRun:
+    """A run folder with the stem store it was fitted on: separates inputs (files or arrays)
+    through the base models' stem cache and the run's mixer."""
+
+    def __init__(self, run: str | Path, work: Path, *, device="cpu", offline: bool = False,
+                 consistency: str | None = None, log: Callable[[str], None] = print):
+        from core.config import find_run, store_dir
+        from mixer.methods import load_config
+
+        self.store = StemStore(store_dir(work))
+        self.run_dir = find_run(run, work)
+        self.config = load_config(self.run_dir)
+        self.keys = list(self.config["inputs"]["model_keys"])
+        self.targets = list(self.config["inputs"]["targets"])
+        for key in self.keys:
+            info = self.store.model_info(key)   # a run fitted against another store fails here
+            if info.get("family") == "imported":
+                check_loadable(self.store, key)
+        self.rate = run_rate(self.config, self.store, self.run_dir)
+        self.device, self.offline, self.log = device, offline, log
+        self.consistency = consistency
+        if consistency not in (None, "none"):   # the run's dataset tells whether it makes sense
+            from mixer.consistency import check
+
+            found = check(self.store, self.config["dataset"], consistency)
+            log(f"consistency {consistency}: the estimates are projected onto each mixture (the "
+                f"sources of {self.config['dataset']} sum to its mixture within "
+                f"{found['sources_vs_mixture_db']} dB)")
+        self._mixer = None
+
+    @property
+    def mixer(self):
+        from mixer.methods import load_mixer
+
+        if self._mixer is None:
+            self._mixer = load_mixer(self.run_dir, device=self.device,
+                                     consistency=self.consistency)
+        return self._mixer
+
+    def separate(self, inputs: Sequence[InputFile]):
+        """(summaries of the base models' caching, then per input: (item, estimates [S, 2, n]
+        float32 at the input's rate and length)) - the estimates one input at a time."""
+        from cache.run import entry_of
+
+        dataset = files_dataset(self.store, inputs, self.rate)
+        by_name = {t.name: t for t in dataset.tracks}
+        summaries = cache_run_models(self.store, dataset, self.keys, device=self.device,
+                                     offline=self.offline, log=self.log)
+
+        def estimates():
+            for item in inputs:
+                entry = entry_of(by_name[item.track_name()])
+                # positional reads, no memory maps: the mixer reads one segment at a time, and
+                # memory stays at the estimates plus a few segments however long the file is
+                with contextlib.ExitStack() as files:
+                    mixture = files.enter_context(self.store.mixture_file(dataset.id, entry))
+                    stems = {k: files.enter_context(self.store.stems_file(k, dataset.id, entry))
+                             for k in self.keys}
+                    y = self.mixer(mixture, stems)
+                yield item, np.stack([_fit(resample(np.ascontiguousarray(e), self.rate, item.rate),
+                                           item.length) for e in y])
+
+        return summaries, dataset, estimates()
+
+
 def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path, *,
                    work: Path, force: bool = False, device="cpu", offline: bool = False,
-                   fmt: str = "wav", log: Callable[[str], None] = print) -> dict:
+                   fmt: str = "wav", consistency: str | None = None,
+                   log: Callable[[str], None] = print) -> dict:
     """Separate audio files with a run; write out/<file stem>/<target>.<fmt>. Returns a summary."""
-    from cache.run import entry_of
-    from core.config import store_dir
-    from mixer.apply import Mixer, load_config
-
     t_start = time.perf_counter()
     fmt = fmt.lower().lstrip(".")
     if fmt not in FORMATS:
@@ -311,16 +375,9 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise fail(out, "exists and is not a folder")
-    store = StemStore(store_dir(work))
-    run_dir = resolve_run(run, work)
-    config = load_config(run_dir)
-    keys = list(config["inputs"]["model_keys"])
-    targets = list(config["inputs"]["targets"])
-    for key in keys:
-        info = store.model_info(key)   # a run trained against another store fails here, clearly
-        if info.get("family") == "imported":
-            check_loadable(store, key)
-    rate = run_rate(config, store, run_dir)
+    ensemble = EnsembleRun(run, work, device=device, offline=offline, consistency=consistency,
+                           log=log)
+    targets = ensemble.targets
 
     inputs = [probe_input(f) for f in files]
     paths = output_paths(inputs, targets, out, fmt)
@@ -331,23 +388,11 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
             raise fail(existing[0], f"already exists{more}; pass --force to overwrite (nothing "
                                     f"was written)")
 
-    dataset = files_dataset(store, inputs, rate)
-    by_name = {t.name: t for t in dataset.tracks}
-    summaries = cache_run_models(store, dataset, keys, device=device, offline=offline, log=log)
-    mixer = Mixer(run_dir, device=device)
-
+    summaries, dataset, estimates = ensemble.separate(inputs)
     total_audio = 0.0
-    for i, (item, group) in enumerate(zip(inputs, paths), 1):
-        t0 = time.perf_counter()
-        entry = entry_of(by_name[item.track_name()])
-        # positional reads, no memory maps: the mixer reads one segment at a time, and memory
-        # stays at the estimates plus a few segments however long the file is
-        with contextlib.ExitStack() as files:
-            mixture = files.enter_context(store.mixture_file(dataset.id, entry))
-            stems = {k: files.enter_context(store.stems_file(k, dataset.id, entry)) for k in keys}
-            estimates = mixer(mixture, stems)
-        for target, path, est in zip(targets, group, estimates):
-            y = _fit(resample(np.ascontiguousarray(est), rate, item.rate), item.length)
+    t0 = time.perf_counter()
+    for i, ((item, est), group) in enumerate(zip(estimates, paths), 1):
+        for path, y in zip(group, est):
             if fmt == "flac":
                 y = np.clip(y, -1.0, 1.0)   # 24-bit PCM: clip rather than wrap around
             write_audio(path, y, item.rate, overwrite=force)
@@ -356,13 +401,15 @@ def separate_files(files: Sequence[str | Path], run: str | Path, out: str | Path
         kind = "mono" if item.channels == 1 else "stereo"
         log(f"[{i}/{len(inputs)}] {item.path} ({_duration(seconds)}, {item.rate} Hz {kind}) -> "
             f"{group[0].parent}/{{{','.join(targets)}}}.{fmt} ({time.perf_counter() - t0:.1f} s)")
+        t0 = time.perf_counter()
     ran = sum(s["computed"] for s in summaries)
-    pairs = len(keys) * len(dataset.tracks)
+    pairs = len(ensemble.keys) * len(dataset.tracks)
     wall = time.perf_counter() - t_start
+    method, run_dir = ensemble.config["method"], ensemble.run_dir
     log(f"separated {len(inputs)} file(s) ({_duration(total_audio)} of audio) with "
-        f"{config['method']} run {run_dir} in {wall:.1f} s: base models ran on {ran} of {pairs} "
+        f"{method} run {run_dir} in {wall:.1f} s: base models ran on {ran} of {pairs} "
         f"(model, file) pairs, {pairs - ran} came from the stem cache; outputs in {out}")
-    return {"run": str(run_dir), "method": config["method"], "rate": rate, "files": len(inputs),
+    return {"run": str(run_dir), "method": method, "rate": ensemble.rate, "files": len(inputs),
             "dataset": dataset.id, "tracks": [t.name for t in dataset.tracks],
             "outputs": [[str(p) for p in g] for g in paths], "models": summaries,
             "computed": ran, "cached": pairs - ran, "seconds": wall}

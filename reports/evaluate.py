@@ -96,7 +96,7 @@ def combined_system(store: StemStore, dataset_id: str, name: str, kind: str,
 
 def run_system(store: StemStore, dataset_id: str, run_dir: Path, device=None,
                name: str | None = None) -> System:
-    from mixer.apply import Mixer, load_config
+    from mixer.methods import load_config, load_mixer
 
     config = load_config(run_dir)
     weights = [p for p in (run_dir / "mixer.pt",) if p.exists()]
@@ -105,7 +105,7 @@ def run_system(store: StemStore, dataset_id: str, run_dir: Path, device=None,
 
     def mixer():
         if "m" not in mixer_cache:
-            mixer_cache["m"] = Mixer(run_dir, device=device)
+            mixer_cache["m"] = load_mixer(run_dir, device=device)
         return mixer_cache["m"]
 
     keys = config["inputs"]["model_keys"]
@@ -178,16 +178,18 @@ def score_track(refs: np.ndarray, est: np.ndarray, win: int) -> dict:
 
 
 def score_systems(store: StemStore, dataset_id: str, systems: list[System], tracks: list[TrackEntry],
-                  cache: ScoreCache, progress=True, on_render=None) -> pd.DataFrame:
+                  cache: ScoreCache, progress=True, on_render=None,
+                  render_all: bool = False) -> pd.DataFrame:
     """on_render(system, track, estimates): sees each estimate rendered (the listening report's
-    clips are cut from them, so nothing is rendered twice)."""
+    clips are cut from them, so nothing is rendered twice); render_all: render (and score) the
+    estimates whose scores are cached too, for an on_render that needs every one."""
     info = store.dataset_info(dataset_id)
     targets, rate = info["sources"], info["sample_rate"]
     frames, todo = [], [(s, t) for s in systems for t in tracks]
     with progress_bar(total=len(todo), desc="evaluate", unit="track", disable=not progress) as bar:
         for system, t in todo:
             key = system.key(t)
-            scores = cache.get(key)
+            scores = None if render_all else cache.get(key)
             if scores is None:
                 est = system.render(t)
                 refs = np.asarray(store.references(dataset_id, t))[[targets.index(s) for s in system.targets]]
@@ -226,6 +228,46 @@ def select_best_per_source(store: StemStore, dataset_id: str, bases: list[System
     return choice
 
 
+class EstimateFolder:
+    """Every system's estimates as float WAV in museval's layout,
+    ROOT/<system>/<split>/<track>/<source>.wav, with ROOT/estimates.json naming each system's
+    folder. `pipeline evaluate --estimates NAME=ROOT/<folder>` scores them to the same numbers.
+
+    A folder that holds anything but what an earlier `--save-estimates` wrote is refused before
+    anything is written; what an earlier one wrote is replaced file by file (atomically).
+    """
+
+    INDEX = "estimates.json"
+
+    def __init__(self, root: Path, split: str, rate: int):
+        self.root, self.split, self.rate = Path(root), split, rate
+        self.index = read_json(self.root / self.INDEX) if (self.root / self.INDEX).exists() else {}
+        if self.root.exists() and not self.index and any(self.root.iterdir()):
+            raise PipelineError(f"{self.root}: not empty and not a folder of saved estimates "
+                                f"(no {self.INDEX}); choose an empty or new folder")
+        if self.root.exists() and not self.root.is_dir():
+            raise PipelineError(f"{self.root}: exists and is not a folder")
+
+    @staticmethod
+    def folder_name(system: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in system).lstrip(".") or "_"
+
+    def __call__(self, system: System, track: TrackEntry, est: np.ndarray) -> None:
+        from core.audio import write_audio
+
+        folder = self.folder_name(system.name)
+        owner = self.index.setdefault(folder, system.name)
+        if owner != system.name:
+            raise PipelineError(f"{self.root / folder}: holds the estimates of '{owner}'; systems "
+                                f"'{owner}' and '{system.name}' share a folder name")
+        where = self.root / folder / self.split / track.name.replace("/", "_")
+        for target, x in zip(system.targets, est):
+            write_audio(where / f"{target}.wav", x, self.rate, overwrite=True)
+
+    def finish(self) -> None:
+        write_json_atomic(self.root / self.INDEX, self.index)
+
+
 # ---- the stage -----------------------------------------------------------------------------
 def _full_metrics(store, dataset_id, systems, tracks) -> pd.DataFrame:
     """ISR/SIR/SAR (and museval's own SDR) through museval itself, in bounded parallel workers."""
@@ -244,22 +286,17 @@ def _full_metrics(store, dataset_id, systems, tracks) -> pd.DataFrame:
 
 def weight_figures(store: StemStore, dataset_id: str, run_systems: list[System], track: TrackEntry,
                    out: Path, device=None) -> list[Path]:
-    """conv1x1 / blend: W as a heatmap; mdx-mixer: W_k at two segments, mean and std over a track."""
-    from mixer.apply import Mixer
+    """A time-invariant mixer (blend, conv1x1): W as a heatmap; a time-varying one (mdx-mixer):
+    W_k at two segments, their mean and std over a track; the others have no mixing matrix."""
+    from mixer.methods import load_mixer
     from reports.report import heatmap_figure
 
     paths = []
     for system in run_systems:
-        mixer = Mixer(Path(system.detail["run"]), device=device)
-        if mixer.method not in ("blend", "conv1x1", "mdx-mixer"):   # no mixing matrix to draw
-            continue
+        mixer = load_mixer(Path(system.detail["run"]), device=device)
         ins, outs = mixer.spec.input_names(), mixer.spec.output_names()
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in system.name)
-        if mixer.method == "blend":
-            mats = [("blend weights", mixer.blend_matrix())]
-        elif mixer.method == "conv1x1":
-            mats = [("conv1x1 W", mixer.module.weight.detach().float().cpu().numpy())]
-        else:
+        if mixer.time_varying:
             stems = {k: store.stems(k, dataset_id, track) for k in mixer.spec.model_keys}
             W, starts = mixer.segment_weights(np.asarray(store.mixture(dataset_id, track)), stems)
             rate = store.dataset_info(dataset_id)["sample_rate"]
@@ -267,6 +304,10 @@ def weight_figures(store: StemStore, dataset_id: str, run_systems: list[System],
             mats = [(f"W_k at {starts[k] / rate:.1f} s", W[k]) for k in picks]
             mats += [("mean of W_k", W.mean(0)), ("std of W_k", W.std(0))]
             np.savez(out / f"weights-{safe}.npz", W=W, starts=starts, inputs=ins, outputs=outs)
+        elif (W := mixer.matrix()) is not None:
+            mats = [(f"{mixer.method} W", W)]
+        else:
+            continue
         paths.append(heatmap_figure(mats, ins, outs, out / f"weights-{safe}.png"))
     return paths
 
@@ -275,9 +316,10 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
              runs: list[Path | tuple[str, Path]], split: str,
              out: Path, cache_root: Path, selection_split: str = "valid", oracles: bool = True,
              average: bool = True, full_metrics: bool = False, device=None, progress=True,
-             listening=True) -> dict:
+             listening=True, save_estimates: Path | None = None) -> dict:
     """Score every system; write the report folder. listening: True (the default page), False,
-    or a reports.listening.ListeningOptions for report.html."""
+    or a reports.listening.ListeningOptions for report.html; save_estimates: a folder for every
+    system's estimates (EstimateFolder), written from the pass that scores them."""
     from reports.paired import paired_statistics
     from reports.report import (
         best_single,
@@ -303,6 +345,15 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
     cache = ScoreCache(cache_root / dataset_id)
     bases = [base_system(store, dataset_id, k, n) for k, n in zip(keys, names)]
     systems, notes = list(bases), []
+    for k, n in zip(keys, names):
+        folds = store.model_info(k).get("identity", {}).get("folds")
+        if store.model_info(k).get("family") == "crossfit" and folds:
+            here = ("this split's tracks held out by a fold by that fold's model, the others"
+                    if split == "train" or split.startswith(("fit", "fold")) else
+                    f"the '{split}' tracks")
+            notes.append(f"{n}: cross-fitted, {len(folds)} fold models; each training track is "
+                         f"separated by the fold model that never saw it, {here} by the mean "
+                         f"of the {len(folds)}")
     if len(bases) > 1:
         choice = select_best_per_source(store, dataset_id, bases, selection_split, cache, progress)
         if choice:
@@ -335,8 +386,14 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
 
         listen = ListeningBuild(out, store, dataset_id, systems, tracks,
                                 listening if isinstance(listening, ListeningOptions) else ListeningOptions())
+    saver = None if save_estimates is None else EstimateFolder(save_estimates, split,
+                                                                 info["sample_rate"])
+    watchers = [w for w in (listen.estimate if listen else None, saver) if w is not None]
     df = score_systems(store, dataset_id, systems, tracks, cache, progress=progress,
-                       on_render=listen.estimate if listen else None)
+                       on_render=(lambda *a: [w(*a) for w in watchers]) if watchers else None,
+                       render_all=saver is not None)
+    if saver is not None:
+        saver.finish()
     if full_metrics:
         df = pd.concat([df, _full_metrics(store, dataset_id, systems, tracks)], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,12 @@ def _choose(items: list, wanted, what: str, where: Path) -> list:
     return [by_name[w] for w in dict.fromkeys(wanted)]
 
 
+def _time_varying(method: str | None) -> bool:
+    from mixer import methods
+
+    return method in methods.names() and methods.get(method).time_varying
+
+
 def track_weights(mixer, name: str, store: StemStore, dataset_id: str, track: TrackEntry,
                   start: int, length: int, rate: int) -> dict:
     """An MDX-Mixer's W_k for the segments overlapping the excerpt, for the page.
@@ -123,9 +129,9 @@ class ListeningBuild:
 
         def compute():
             if system.name not in mixers:       # loaded only when a track's weights are missing
-                from mixer.apply import Mixer
+                from mixer.methods import load_mixer
 
-                mixers[system.name] = Mixer(Path(system.detail["run"]), device=device)
+                mixers[system.name] = load_mixer(Path(system.detail["run"]), device=device)
             return track_weights(mixers[system.name], system.name, self.store, self.dataset_id, t,
                                  start, length, self.rate)
 
@@ -148,7 +154,7 @@ class ListeningBuild:
         return {"name": t.name, "start": start / rate, "duration": length / rate,
                 "track_duration": t.length / rate, "files": files,
                 "weights": [self._weights(s, t, mixers, device) for s in self.listened
-                            if s.kind == "run" and s.detail.get("method") == "mdx-mixer"]}
+                            if s.kind == "run" and _time_varying(s.detail.get("method"))]}
 
     def finish(self, *, split: str, device=None, progress: bool = True) -> dict:
         """Encode what is missing, write out/report.html; returns what was written."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from core.errors import PipelineError
+from core.options import option
 
 BLOCK_SECONDS = 60.0     # separators.inference separates a long track in blocks of at most this ...
 OVERLAP_SECONDS = 2.0    # ... cross-faded over this much (demucs's own overlap is 0.25 x ~8 s)
@@ -56,6 +57,13 @@ class Separator(abc.ABC):
         """The adapters set `_checksum` from the weight files they loaded."""
         return self._checksum
 
+    def for_track(self, store, dataset_id: str, track) -> "Separator":
+        """The separator to run on one track of a dataset in the stem store (a TrackEntry): itself,
+        except for models whose output depends on which audio they were trained on (a
+        cross-fitted model picks the fold models that never saw the track,
+        separators.families.crossfit). The cache stage asks for every track."""
+        return self
+
     device: torch.device = torch.device("cpu")
 
     def to(self, device) -> "Separator":
@@ -74,6 +82,17 @@ def resolve_niter(name: str, niter: int | None, n_stems: int) -> int:
         raise PipelineError(f"{name}: Wiener EM (niter={niter}) needs at least two stems and this "
                             f"model has one; use niter=0 or residual=true")
     return niter
+
+
+@dataclass(frozen=True)
+class MaskingOptions:
+    """The inference options of Open-Unmix's post-processing (Open-Unmix and X-UMX models)."""
+
+    niter: int | None = option(None, "Wiener EM iterations (none given: 1, or 0 for a single "
+                               "stem)")
+    residual: bool = option(False, "add a 'residual' stem (the mixture minus the estimates)")
+    wiener_win_len: int = option(300, "frames per Wiener filtering block")
+    segment: float = option(30.0, "chunk length in seconds for long inputs")
 
 
 class MaskingSeparator(Separator):
@@ -138,52 +157,3 @@ def file_checksum(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-# Inference options
-# --------------------------------------------------------------------------------------------
-
-# Every option any family understands. One `options` dict is shared by all models of a CLI run
-# (e.g. --shifts with -m htdemucs -m umxl), so a family ignores the others' options; a name no
-# family knows is an error.
-ALL_OPTIONS = {"shifts", "overlap", "segment", "niter", "residual", "wiener_win_len"}
-
-
-def _coerce(name: str, value, kind: type, allow_none: bool):
-    if value is None:
-        if allow_none:
-            return None
-        raise PipelineError(f"option {name}: a value is required")
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise PipelineError(f"option {name}={value!r}: expected {kind.__name__}") from None
-
-
-def pick_options(family: str, options: dict | None, spec: dict[str, tuple[type, Any, bool]]) -> dict:
-    """This family's options from `options`, typed, with defaults.
-
-    spec: name -> (type, default, None allowed). Unknown names (no family knows them) fail.
-    """
-    options = dict(options or {})
-    unknown = sorted(set(options) - ALL_OPTIONS)
-    if unknown:
-        raise PipelineError(f"unknown model option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(sorted(ALL_OPTIONS))}")
-    out = {}
-    for name, (kind, default, allow_none) in spec.items():
-        out[name] = _coerce(name, options[name], kind, allow_none) if name in options else default
-    return out

@@ -30,7 +30,6 @@ Array conventions: time signals [B, J, C, N]; spectrograms [B, J, C, F, T] (comp
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
 
 import torch
 

@@ -2,55 +2,37 @@
 
 Two questions are kept apart, as in demucs's pretrained.py / repo.py:
 
-* where weights come from (this module's "weight locations" helpers, plus each adapter's
-  `locate_*` functions): a local folder (`--repo DIR`), the torch hub cache
-  (`$TORCH_HOME/hub/checkpoints`), the Hugging Face cache, a shipped checkpoint folder under
-  `separators/checkpoints/<name>/`, or (online only) a download;
-* what a model is (each adapter's Separator class): how it is built and how it separates.
+* where weights come from (each family's `locate_*` functions and separators.weights): a local
+  folder (`--repo DIR`), the torch hub cache (`$TORCH_HOME/hub/checkpoints`), the Hugging Face
+  cache, a shipped checkpoint folder under `separators/checkpoints/<name>/`, or (online only) a
+  download;
+* what a model is (each family's Separator class): how it is built and how it separates.
 
-`load_separator(spec, ...)` accepts
-  - a pretrained name: demucs's (htdemucs, htdemucs_ft, htdemucs_6s, hdemucs_mmi, mdx, mdx_extra,
-    mdx_q, mdx_extra_q, ... or a single demucs signature), Open-Unmix's (umxhq, umxl, umx), or
-    `xumx` (official X-UMX weights; never downloaded, must be a local file);
-  - a path: a demucs repo folder (`<sig>.th` files, bag `<name>.yaml`; pick one with `DIR:NAME`
-    when it holds several), a `<sig>.th` / `<name>.yaml` file, an Open-Unmix model folder
-    (`separator.json`, `<target>.json`, `<target>.pth`), an X-UMX `.pth` file (or a folder
-    holding exactly one);
-  - an MSST model (separators.families.msst): `CONFIG.yaml:MODEL.ckpt` (optionally
-    `?model_type=TYPE&name=NAME`), or a folder holding one config .yaml and one .ckpt (what
-    `train-base --family roformer` writes);
-  - a UVR MDX-Net `.onnx` file (separators.families.uvr; parameters from UVR's model-data JSON next
-    to it, audio-separator's table, or `?dim_f=..&dim_t=..&n_fft=..&compensate=..&primary_stem=..`);
-  - a plugin (separators.families.plugin): `py:package.module:factory[?key=value...]` or
-    `entry:NAME` (a `pipeline.separators` entry point);
-  - the name of a shipped checkpoint folder `separators/checkpoints/<name>/` (family detected from
-    the files present; `MODEL.md` is the model card and is ignored here).
+`load_separator(spec, ...)` asks the registered families (separators.families, in their order)
+who the spec belongs to:
+
+1. a spec in a family's own syntax (`py:...` / `entry:...` plugins, MSST's
+   `CONFIG.yaml:MODEL.ckpt`, UVR's `.onnx`);
+2. `DIR:NAME`, one model of a folder holding several (demucs repositories);
+3. an existing folder (the first family that recognises its files) or file (by its kind);
+4. the name of a shipped checkpoint folder `separators/checkpoints/<name>/` (`MODEL.md` there is
+   the model card), then a name some family knows (pretrained names, models of `--repo`,
+   installed entry points).
+
+A folder `RUN/model` written by `pipeline train-base` is called by its run's name.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from core.config import check_device
 from core.errors import PipelineError
-from separators.base import parse_query
+from separators.families import FAMILIES, Family, Request
 from separators.weights import LOAD_ERRORS, enable_offline, why_unloadable
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
-
-OPENUNMIX_NAMES = ("umxhq", "umxl", "umx")
-XUMX_NAMES = ("xumx",)
-
-
-# --------------------------------------------------------------------------------------------
-# Spec -> family + locator
-# --------------------------------------------------------------------------------------------
-
-def demucs_names() -> list[str]:
-    from separators.families.demucs import pretrained_names
-
-    return pretrained_names()
+MODEL_SUFFIXES = (".th", ".yaml", ".yml", ".pth", ".ckpt")   # a spec ending so means a file
 
 
 def shipped_checkpoints() -> list[str]:
@@ -61,61 +43,9 @@ def shipped_checkpoints() -> list[str]:
 
 
 def known_names() -> dict[str, list[str]]:
-    return {"demucs": demucs_names(), "openunmix": list(OPENUNMIX_NAMES), "xumx": list(XUMX_NAMES),
-            "shipped": shipped_checkpoints()}
-
-
-def detect_family(folder: Path) -> str:
-    """Which family a model folder holds, from the files present."""
-    files = [p for p in folder.iterdir() if p.is_file()]
-    names = {p.name for p in files}
-    if "separator.json" in names:
-        return "openunmix"
-    from separators.families.msst import folder_files
-
-    if folder_files(folder) is not None:
-        return "msst"
-    if any(p.suffix == ".th" for p in files):
-        return "demucs"
-    if any(p.suffix == ".yaml" for p in files):
-        from separators.families.demucs import is_bag_yaml
-
-        if any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"):
-            return "demucs"
-    pths = [p for p in files if p.suffix == ".pth"]
-    if len(pths) == 1:
-        return "xumx"
-    if pths:
-        raise PipelineError(f"{folder}: several .pth files and no separator.json; pass the X-UMX "
-                            f".pth file itself, or add separator.json for an Open-Unmix model")
-    raise PipelineError(f"{folder}: no model files found (expected demucs <sig>.th / <name>.yaml, "
-                        f"Open-Unmix separator.json + <target>.json + <target>.pth, an X-UMX .pth, "
-                        f"or an MSST config .yaml + checkpoint .ckpt)")
-
-
-def _load_folder(folder: Path, name: str | None, *, device, offline, options, label=None):
-    family = detect_family(folder)
-    if family == "demucs":
-        from separators.families.demucs import load_demucs, pick_local_name
-
-        return load_demucs(name or pick_local_name(folder), repo=folder, offline=offline,
-                           device=device, options=options, label=label)
-    if name is not None:
-        raise PipelineError(f"{folder}:{name}: DIR:NAME is only for demucs repositories")
-    if family == "msst":
-        from separators.families.msst import folder_files, load_msst
-
-        config, ckpt = folder_files(folder)
-        return load_msst(config, ckpt, device=device, label=label)
-    if family == "openunmix":
-        from separators.families.umx import load_openunmix
-
-        return load_openunmix(str(folder), device=device, offline=offline, options=options,
-                              label=label)
-    from separators.families.xumx import load_xumx
-
-    pth = next(p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth")
-    return load_xumx(pth, device=device, options=options, label=label)
+    """{family: the names it knows} and the shipped checkpoints, for help and errors."""
+    known = {f.name: f.names() for f in FAMILIES.records() if f.knows is not None}
+    return {**known, "shipped": shipped_checkpoints()}
 
 
 def run_label(folder: Path) -> str | None:
@@ -125,8 +55,17 @@ def run_label(folder: Path) -> str | None:
     return folder.parent.name if folder.name == "model" and folder.parent.name else None
 
 
+def folder_family(folder: Path) -> Family:
+    """The family whose model files a folder holds."""
+    for family in FAMILIES.records():
+        if family.folder is not None and family.folder(folder):
+            return family
+    kinds = "; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.records() if f.folder)
+    raise PipelineError(f"{folder}: no model files found (expected the files of one of: {kinds})")
+
+
 def _split_dir_name(spec: str) -> tuple[Path, str] | None:
-    """'DIR:NAME' where DIR is an existing folder (a demucs repo and one of its models)."""
+    """'DIR:NAME' where DIR is an existing folder (a repository and one of its models)."""
     if ":" not in spec:
         return None
     head, name = spec.rsplit(":", 1)
@@ -134,41 +73,6 @@ def _split_dir_name(spec: str) -> tuple[Path, str] | None:
     if head and name and folder.is_dir():
         return folder, name
     return None
-
-
-def _load_special(spec: str, *, device, offline, options):
-    """The specs that name their format: py:... plugins, CONFIG.yaml:MODEL.ckpt (MSST), UVR
-    files (.onnx); None for everything else."""
-    from separators.families.msst import is_msst_spec
-
-    if spec.startswith("py:") or spec.startswith("entry:"):
-        from separators.families.plugin import load_plugin
-
-        return load_plugin(spec, device=device)
-    if is_msst_spec(spec):
-        from separators.families.msst import load_msst
-
-        base, params = parse_query(spec)
-        unknown = sorted(set(params) - {"model_type", "name"})
-        if unknown:
-            raise PipelineError(f"{spec}: unknown parameter(s) {', '.join(unknown)} "
-                                f"(known: model_type, name)")
-        config, ckpt = base.rsplit(":", 1)
-        return load_msst(Path(config).expanduser(), Path(ckpt).expanduser(), device=device,
-                         model_type=params.get("model_type"), label=params.get("name"))
-    base = spec.partition("?")[0]
-    if Path(base).suffix.lower() == ".onnx":
-        from separators.families.uvr import load_mdx_onnx
-
-        path, params = parse_query(spec)
-        return load_mdx_onnx(Path(path).expanduser(), params, device=device)
-    return None
-
-
-def _check_device(device) -> "Any":
-    import torch
-
-    return torch.device(check_device(device))
 
 
 def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str | Path | None = None,
@@ -188,72 +92,60 @@ def load_separator(spec: str, *, device="cpu", offline: bool = False, repo: str 
 
 
 def _load_separator(spec: str, *, device, offline: bool, repo, options):
+    import torch
+
     spec = str(spec).strip()
     if not spec:
         raise PipelineError("empty model name")
-    dev = _check_device(device)
+    dev = torch.device(check_device(device))
     if offline:
         enable_offline()
     repo_path = Path(repo).expanduser() if repo is not None else None
     if repo_path is not None and not repo_path.is_dir():
         raise PipelineError(f"--repo {repo}: not a folder")
+    request = Request(spec, dev, offline, repo_path, dict(options or {}))
+    families = FAMILIES.records()
 
-    special = _load_special(spec, device=dev, offline=offline, options=options)
-    if special is not None:
-        return special
+    for family in families:
+        if family.owns is not None and family.owns(spec):
+            return family.load(request)
     dir_name = _split_dir_name(spec)
     if dir_name is not None:
         folder, name = dir_name
-        return _load_folder(folder, name, device=dev, offline=offline, options=options)
+        family = folder_family(folder)
+        if not family.members:
+            raise PipelineError(f"{folder}:{name}: DIR:NAME picks one model of a folder holding "
+                                f"several, which a {family.name} folder does not")
+        return family.load(_at(request, folder, member=name))
 
     path = Path(spec).expanduser()
-    looks_like_path = os.sep in spec or spec.startswith(".") or path.suffix in (".th", ".yaml", ".pth")
+    if path.is_dir():
+        return folder_family(path).load(_at(request, path, label=run_label(path)))
     if path.exists():
-        if path.is_dir():
-            return _load_folder(path, None, device=dev, offline=offline, options=options,
-                                label=run_label(path))
-        if path.suffix == ".pth":
-            from separators.families.xumx import load_xumx
-
-            return load_xumx(path, device=dev, options=options)
-        if path.suffix in (".th", ".yaml"):
-            from separators.families.demucs import is_bag_yaml, load_demucs, sig_of
-
-            if path.suffix == ".yaml" and not is_bag_yaml(path):
-                raise PipelineError(f"{path}: not a demucs bag definition (YAML with a 'models' "
-                                    f"list of signatures)")
-
-            name = sig_of(path.name) if path.suffix == ".th" else path.stem
-            return load_demucs(name, repo=path.parent, offline=offline, device=dev, options=options)
-        raise PipelineError(f"{path}: not a model file (expected a demucs .th/.yaml or an X-UMX .pth)")
-    if looks_like_path:
+        for family in families:
+            if family.file is not None and family.file(path):
+                return family.load(_at(request, path))
+        raise PipelineError(f"{path}: not a model file of any family ({_families()})")
+    if os.sep in spec or spec.startswith(".") or path.suffix in MODEL_SUFFIXES:
         raise PipelineError(f"{spec}: no such file or folder")
 
-    if spec in OPENUNMIX_NAMES:
-        from separators.families.umx import load_openunmix
-
-        return load_openunmix(spec, device=dev, offline=offline, repo=repo_path, options=options)
-    if spec in XUMX_NAMES:
-        from separators.families.xumx import load_xumx, locate_official_xumx
-
-        return load_xumx(locate_official_xumx(repo_path), device=dev, options=options, label=spec)
-    from separators.families.demucs import is_pretrained, load_demucs, local_has
-
-    if is_pretrained(spec) or (repo_path is not None and local_has(repo_path, spec)):
-        return load_demucs(spec, repo=repo_path, offline=offline, device=dev, options=options)
     shipped = CHECKPOINTS_DIR / spec
     if shipped.is_dir():
-        return _load_folder(shipped, None, device=dev, offline=offline, options=options, label=spec)
-
-    from separators.families.plugin import entry_point
-
-    if entry_point(spec) is not None:
-        from separators.families.plugin import load_plugin
-
-        return load_plugin(f"entry:{spec}", device=dev)
-    known = known_names()
+        return folder_family(shipped).load(_at(request, shipped, label=spec))
+    for family in families:
+        if family.knows is not None and family.knows(spec, repo_path):
+            return family.load(request)
     listing = "; ".join(f"{fam}: {', '.join(names) if names else '(none)'}"
-                        for fam, names in known.items())
+                        for fam, names in known_names().items())
     where = f" (nor a model in --repo {repo_path})" if repo_path is not None else ""
     raise PipelineError(f"unknown model '{spec}'{where}. Known names - {listing}; "
                         f"or give a path to a model file or folder")
+
+
+def _at(request: Request, path: Path, member: str | None = None, label: str | None = None) -> Request:
+    return Request(request.spec, request.device, request.offline, request.repo, request.options,
+                   path=path, member=member, label=label)
+
+
+def _families() -> str:
+    return "; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.records())

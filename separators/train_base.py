@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shlex
 import shutil
@@ -45,14 +44,13 @@ import torch
 
 from core.errors import PipelineError
 from core.store import StemStore, write_json_atomic
-from separators.families import TRAINABLE as FAMILIES
 from separators.families import canonical_family as family_of
 from separators.families import recipe
 from separators.families.card import CARD, model_card, synthetic_info, write_test_sdr
 from separators.families.common import versions
 from separators.train_data import Augment, FixedCrops, RandomMixes
 
-__all__ = ["FAMILIES", "PRESET_NAMES", "BaseTrainResult", "build", "evaluate_trained",
+__all__ = ["PRESET_NAMES", "BaseTrainResult", "build", "evaluate_trained",
            "family_of", "fit_and_select_splits", "resolve_config", "train_base", "write_test_sdr"]
 
 PRESET_NAMES = ("tiny", "small", "paper")
@@ -74,10 +72,10 @@ def resolve_config(family: str, preset: str, *, sample_rate: int, n_train_tracks
 
     family = family_of(family)
     fam = recipe(family)
-    if preset not in fam.PRESETS:
-        raise PipelineError(f"preset '{preset}': choose one of {', '.join(fam.PRESETS)}")
+    if preset not in fam.presets:
+        raise PipelineError(f"preset '{preset}': choose one of {', '.join(fam.presets)}")
     model = fam.resolve_model(preset, model_options)
-    train = merge_options(family, "train", {**_COMMON_TRAIN, **fam.PRESETS[preset]["train"]},
+    train = merge_options(family, "train", {**_COMMON_TRAIN, **fam.presets[preset]["train"]},
                           train_options)
     train["augment"] = Augment(**{**Augment().to_dict(), **dict(train["augment"])}).to_dict()
     train["augment"]["gain"] = list(train["augment"]["gain"])
@@ -211,7 +209,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                model_options: dict | None = None, train_options: dict | None = None,
                device: str | None = None, resume: bool = True, amp: str = "off",
                num_workers: int = 0, progress: bool = True, select_split: str | None = None,
-               command: str | None = None) -> BaseTrainResult:
+               command: str | None = None,
+               fold: tuple[int, int] | None = None) -> BaseTrainResult:
     """Train a base separator of one family on a dataset of the stem store; export it.
 
     Args:
@@ -252,6 +251,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             then uses the rest of train, 'fit': for data whose valid split is the evaluation
             split) or 'train'. Recorded in config.json with the held-out track names.
         command: the command line recorded in MODEL.md (default: this process's argv).
+        fold: (k, K): train only fold model k of K (on core.splits' `fit-except-k-of-K`),
+            recording its training tracks in config.json; what `folds` does K times.
 
     Returns a BaseTrainResult (model_dir, run_dir, config, best epoch / loss, training seconds).
     """
@@ -279,6 +280,10 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     fam = recipe(family)
     fam.check_training(targets, amp)
     train_split, valid_split = fit_and_select_splits(store, dataset_id, select_split)
+    if fold is not None:
+        from core.splits import fold_split
+
+        train_split = fold_split(*fold)
     train_tracks = store.tracks(dataset_id, train_split)
     if not train_tracks:
         raise PipelineError(f"dataset {dataset_id}: no tracks in the '{train_split}' split")
@@ -300,6 +305,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
     config.update(seed=int(seed), dataset_id=dataset_id,
                   splits={"fit": train_split, "select": valid_split,
                           "select_tracks": [x.name for x in store.tracks(dataset_id, valid_split)]})
+    if fold is not None:   # what the cross-fitted model's honesty rests on, as trained
+        config["splits"]["fit_tracks"] = [x.name for x in train_tracks]
     t = config["train"]
 
     if resume and (kept := finished_run(run_dir, config)) is not None:
@@ -319,7 +326,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
         torch.distributed.barrier()
 
     # data
-    with_rest = fam.WITH_REST
+    with_rest = fam.with_rest
     train_data = RandomMixes(store, dataset_id, targets=targets, segment=t["segment_samples"],
                              split=train_split, length=t["examples_per_epoch"], augment=Augment(
                                  **{**t["augment"], "gain": tuple(t["augment"]["gain"])}),

@@ -5,7 +5,6 @@ folder, train-mixer's summary, train-base on a dataset never cached, museval-exa
 estimates made elsewhere)."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -51,7 +50,7 @@ def cli_commands() -> list[tuple[str, ...]]:
     """Every command and subcommand `pipeline --help` lists, as argument paths."""
     import typer.main
 
-    from pipeline.cli import app
+    from pipeline.cli import build_app
 
     def walk(group, path):
         for name, cmd in sorted(group.commands.items()):
@@ -59,7 +58,7 @@ def cli_commands() -> list[tuple[str, ...]]:
             if getattr(cmd, "commands", None):
                 yield from walk(cmd, path + (name,))
 
-    return list(walk(typer.main.get_command(app), ()))
+    return list(walk(typer.main.get_command(build_app()), ()))
 
 
 def test_the_command_list_is_complete():
@@ -82,7 +81,7 @@ REQUIRED = {
     ("cache",): ["-d", "synthetic"], ("cache", "import"): ["DIR", "--name", "x", "-d", "synthetic"],
     ("run",): ["EXP"], ("separate",): ["song.wav", "-e", "x", "-o", "out"],
     ("train-base",): ["-f", "umx"], ("blend",): ["-m", "a"], ("train-mixer",): ["-m", "a"],
-    ("report",): ["demo"], ("select-models",): ["-m", "a"],
+    ("report",): ["demo"], ("select-models",): ["-m", "a"], ("remix",): ["-d", "synthetic"],
 }
 
 
@@ -118,6 +117,7 @@ def bad_arguments(env) -> dict[tuple[str, ...], tuple[list, str]]:
         ("evaluate",): (["-d", "toy", "--estimates", "no-equals-sign", "--work", w], "expected NAME=DIR"),
         ("report",): ([root / "no-report", "--work", w], "neither a report folder"),
         ("select-models",): (["-m", "m0", "-m", "m1", "-d", "toy", "--by", "nonsense", "--work", w], "nonsense"),
+        ("remix",): (["-d", "toy", "--n", "0", "--work", w], "remix --n 0"),
     }
 
 

@@ -9,7 +9,13 @@ from test_mixer import SOURCES, make_store
 
 from core.errors import PipelineError
 from mixer.blend import collect_stats, search_blend, silent_frames
-from mixer.blendsearch import AUTO_POINTS, least_squares_point, score, search, search_modes
+from mixer.blendsearch import (
+    AUTO_POINTS,
+    least_squares_point,
+    score,
+    search,
+    search_modes,
+)
 from mixer.inputs import InputSpec
 from mixer.simplex import (
     exchange_moves,
@@ -224,7 +230,7 @@ def test_search_blend_records_the_mode_and_fails_early(tmp_path):
     models = {f"m{i}": (SOURCES, np.eye(4)) for i in range(6)}
     store = make_store(tmp_path / "store", models, splits=(("valid", 2),), length=3000, noise=0.05)
     config = search_blend(store, "toy", list(models), step=0.05, run_dir=tmp_path / "run")
-    assert config["search_mode"] == "auto"
+    assert config["options"]["search"] == "auto"
     for s in SOURCES:   # 6 models at step 0.05: 53 130 points, above AUTO_POINTS
         rec = config["search"]["sources"][s]
         assert rec["mode"] == "local" and rec["grid_points"] == 53130 and rec["points"] < 53130 / 10
@@ -297,9 +303,45 @@ def test_select_models_from_a_larger_pool(tmp_path, search_mode):
     result = select_models(store, "toy", keys, by="blend", split="valid", step=0.05,
                            search_mode=search_mode, progress=False, log=lambda line: None)
     chosen = {m["name"] for m in result["models"]}
-    assert len(chosen) == 4 and {"g3", "g4"} <= chosen and result["search_mode"] == search_mode
+    assert len(chosen) == 4 and {"g3", "g4"} <= chosen and result["search"] == search_mode
     assert len(chosen & {"g1", "g1copy"}) == 1 and len(chosen & {"g2", "g2copy"}) == 1
     # inverse-variance weighting gains 10 log10(sum of precisions / g1's) over g1 alone
     precision = {k: 1 / s ** 2 for k, s in levels.items()}
     gain = 10 * np.log10(sum(precision.values()) / precision["g1"])
     assert result["score"] - result["path"][0]["score"] == pytest.approx(gain, abs=0.3)
+
+
+# ---- the `search` option, declared once in the blend's record ---------------------------------
+def test_the_search_option_reaches_the_search(tmp_path):
+    """`search` (BlendOptions; BandBlendOptions inherits it) goes from the options the command
+    line, experiment files and the API give to the search itself, and into config.json."""
+    import json
+
+    from mixer import methods
+
+    models = {f"m{i}": (SOURCES, np.eye(4)) for i in range(6)}
+    store = make_store(tmp_path / "store", models, splits=(("valid", 2),), length=3000, noise=0.05)
+    run = tmp_path / "local"   # 3 models: 'auto' would be the exhaustive grid
+    methods.fit(store, "toy", ["m0", "m1", "m2"], "blend", run, {"search": "local"}, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["search"] == "local"
+    assert {r["mode"] for r in config["search"]["sources"].values()} == {"local"}
+    auto = methods.fit(store, "toy", ["m0", "m1", "m2"], "blend", None, {}, progress=False)
+    assert auto["options"]["search"] == "auto"
+    assert {r["mode"] for r in auto["search"]["sources"].values()} == {"exhaustive"}
+
+    big = tmp_path / "big"     # 6 models at step 0.01: 9.7e7 points per source, refused
+    with pytest.raises(PipelineError, match="exhaustive search over 6 models at step 0.01") as e:
+        methods.fit(store, "toy", list(models), "blend", big, {"search": "exhaustive", "step": 0.01},
+                    progress=False)
+    assert "\n" not in str(e.value) and not big.exists()
+    for method in ("blend", "band-blend"):
+        with pytest.raises(PipelineError, match="search 'fast': choose one of auto, exhaustive, "
+                                                "local") as e:
+            methods.fit(store, "toy", list(models), method, None, {"search": "fast"}, progress=False)
+        assert "\n" not in str(e.value)
+
+    band = methods.fit(store, "toy", ["m0", "m1", "m2"], "band-blend", None,
+                       {"search": "local", "split": "valid", "bands": 2}, progress=False)
+    assert band["options"]["search"] == "local"
+    assert band["search"]["modes"] == {s: "local" for s in SOURCES}

@@ -8,6 +8,21 @@ from core.datasets import musdb_validation_tracks, open_dataset
 from core.errors import PipelineError
 
 
+def test_missing_musdb18_7_fails_in_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    """What `needs_musdb18_7` (and test_metrics' museval frames) decide on: without the data, a
+    failure in CI (`CI` set), a skip elsewhere; never a silent pass in CI."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "MUSDB18_7", tmp_path / "absent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="MUSDB18-7 previews not found at .*absent"):
+        conftest.musdb18_7_present()
+    monkeypatch.setenv("CI", "")
+    assert conftest.musdb18_7_present() is False
+    monkeypatch.setattr(conftest, "MUSDB18_7", MUSDB18_7)
+    assert conftest.musdb18_7_present() is (MUSDB18_7 / "train").is_dir()
+
+
 @needs_musdb18_7
 def test_musdb18_7_train_valid_split():
     import musdb

@@ -1,6 +1,4 @@
 """`pipeline run`: an experiment file drives every stage; a second run reuses everything."""
-import time
-from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
@@ -64,10 +62,10 @@ def test_shipped_configs_are_valid():
         assert config["models"] and config.get("systems")
     demo = load_experiment(CONFIGS / "demo.toml")
     assert [m["spec"] for m in demo["models"]] == list(SHIPPED)
-    from mixer.methods import METHODS  # every ensemble method, side by side
+    from mixer.methods import names  # every ensemble method, side by side
     for name in ("demo", "musdb18-7"):
         config = load_experiment(CONFIGS / f"{name}.toml")
-        assert {s["method"] for s in config["systems"]} == {"conv1x1", "mdx-mixer", *METHODS}, name
+        assert {s["method"] for s in config["systems"]} == set(names()), name
 
 
 def test_bad_experiment_files(tmp_path):
@@ -104,10 +102,8 @@ def test_run_end_to_end_then_reuse(tmp_path, capsys):
     mixer = work / "runs" / "tiny-conv1x1" / "mixer.pt"
     stamp = {p: p.stat().st_mtime_ns for p in (work / "store").rglob("*.npy")}
     stamp[mixer] = mixer.stat().st_mtime_ns
-    t0 = time.perf_counter()
-    code, out2, err = run_cli(["run", config, "--work", work], capsys)
+    code, out2, err = run_cli(["run", config, "--work", work], capsys)   # timed: bench_fast_paths.py
     assert code == 0, err
     assert "0 tracks separated" in err
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # nothing recomputed
     assert (report / "summary.md").read_text() == summary
-    assert time.perf_counter() - t0 < 60

@@ -80,7 +80,7 @@ split = "valid"
 selection_split = "select"
 """
 
-READS = ("_track_audio", "mixture_file", "stems", "stems_file")
+READS = ("_track_audio", "mixture_file", "track_file", "stems", "stems_file")
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +100,7 @@ def _config(tmp_path, text=EXPERIMENT, name="honest.toml"):
 def _spy(monkeypatch):
     """Record, in order, every read of a track's audio or stems from the store (method, track
     id) and the start and end of every fitting stage and of the evaluation."""
-    import mixer.methods
+    import mixer.blend
     import mixer.train
     import reports.evaluate
     import separators.train_base
@@ -130,7 +130,7 @@ def _spy(monkeypatch):
         monkeypatch.setattr(module, name, marked)
 
     mark(separators.train_base, "train_base")
-    mark(mixer.methods, "search_blend")   # the name the experiment's ensembles call
+    mark(mixer.blend, "search_blend")   # what the blend method's record calls
     mark(mixer.train, "train_mixer")
     mark(reports.evaluate, "evaluate")
     return events
@@ -258,7 +258,7 @@ def test_bad_train_and_models_tables(tmp_path):
         (EXPERIMENT.replace('step = 0.25\nsplit = "select"', 'step = 0.25\nsplit = "valid"'),
          "'blend' \\(blend search\\) would use the 'valid' split"),
         (EXPERIMENT.replace('select = "last"', 'select = "valid"'),
-         "'mdx' \\(best epoch\\) would use the 'valid' split"),
+         "'mdx' \\(mdx-mixer best epoch\\) would use the 'valid' split"),
         (EXPERIMENT.replace('base = "conv1x1"', 'base = "blend"'),
          "has base = 'blend': name a conv1x1 system listed before it \\(conv1x1\\)"),
         (EXPERIMENT.replace('selection_split = "select"', 'selection_split = "valid"'),
@@ -278,3 +278,113 @@ def test_bad_train_and_models_tables(tmp_path):
     yaml = tmp_path / "good.yaml"   # the YAML form of the same experiment validates the same way
     yaml.write_text(pyyaml.safe_dump(tomllib.loads(EXPERIMENT)))
     assert load_experiment(yaml)["train"][1]["model"] == {"channels": 4}
+
+
+CROSSFIT = """
+name = "crossfit"
+offline = true
+device = "cpu"
+
+[dataset]
+path = "synthetic"
+[dataset.generate]
+seed = 4
+train = 5
+valid = 1
+test = 1
+duration = 3.0
+rate = 8000
+
+[[train]]
+name = "cf-umx"
+family = "umx"
+preset = "tiny"
+epochs = 1
+select_split = "select"
+folds = 2
+
+[[train]]
+name = "umx"
+family = "umx"
+preset = "tiny"
+epochs = 1
+select_split = "select"
+seed = 1
+
+[[remix]]
+name = "remixes"
+split = "fit"
+n = 4
+seed = 0
+duration = 1.0
+folds_of = "cf-umx"
+
+[[models]]
+trained = "cf-umx"
+
+[[models]]
+trained = "umx"
+
+[[systems]]
+name = "blend"
+method = "blend"
+step = 0.25
+split = "train"
+extra_data = ["remixes"]
+
+[[systems]]
+name = "conv1x1"
+method = "conv1x1"
+preset = "tiny"
+epochs = 1
+shift = 4096
+select = "last"
+models = ["cf-umx"]
+extra_data = ["remixes"]
+
+[evaluate]
+split = "valid"
+selection_split = "train"
+"""
+
+
+def test_an_experiment_cross_fits_remixes_and_fits_on_both(tmp_path, capsys):
+    """[[train]] folds, a [[remix]] stage drawing per fold, systems fitting on train plus the
+    remixes: from nothing in one `pipeline run`; models are cached on the remixes only where a
+    system fits on them."""
+    work = tmp_path / "work"
+    code, out, err = run_cli(["run", _config(tmp_path, CROSSFIT), "--work", work], capsys)
+    assert code == 0, err
+    assert "[train] cf-umx: trained in" in err and "cross-fitted: 2 fold models" in err
+    assert "[remix] remixes: 4 remixes of 1 s from the 'fit' tracks" in err
+    from core.config import store_dir
+    from core.datasets import open_dataset
+    from core.store import StemStore
+
+    store = StemStore(store_dir(work))
+    remixes = open_dataset(work / "data" / "remixes").id
+    cf, plain = store.resolve_model("cf-umx"), store.resolve_model("umx")
+    assert store.model_info(cf)["family"] == "crossfit"
+    on_remixes = lambda key: sum(store.has_stems(key, remixes, t) for t in store.tracks(remixes))  # noqa: E731
+    assert on_remixes(cf) == 4 and on_remixes(plain) == 4   # the blend fits both on them
+    conv = json.loads((work / "runs" / "crossfit-conv1x1" / "config.json").read_text())
+    assert conv["training"]["extra_data"] == [remixes]
+    blend = json.loads((work / "runs" / "crossfit-blend" / "config.json").read_text())
+    assert blend["options"]["extra_data"] == [remixes]
+    assert sum(n.startswith(remixes + "/") for n in blend["validation"]["tracks"]) == 4
+    assert "conv1x1" in out and "blend" in out
+
+    bad = [
+        (CROSSFIT.replace('extra_data = ["remixes"]', 'extra_data = ["musdb"]', 1),
+         "extra_data 'musdb'; name \\[\\[remix\\]\\] stages \\(remixes\\)"),
+        (CROSSFIT.replace('split = "fit"\nn = 4', 'split = "valid"\nn = 4'),
+         "\\[\\[remix\\]\\] 'remixes' \\(its stems\\) would use the 'valid' split"),
+        (CROSSFIT.replace('folds_of = "cf-umx"', 'folds_of = "umx"'),
+         "folds_of = 'umx'; name a \\[\\[train\\]\\] stage with folds"),
+        (CROSSFIT.replace('folds = 2', 'folds = 1'), "folds = 1 needs an integer >= 2"),
+        (CROSSFIT.replace('seed = 0\nduration', 'seeds = 0\nduration'),
+         "\\[\\[remix\\]\\] 'remixes' has unknown key\\(s\\) seeds"),
+    ]
+    for i, (text, message) in enumerate(bad):
+        with pytest.raises(PipelineError, match=message):
+            load_experiment(_config(tmp_path, text, f"bad-cf{i}.toml"))

@@ -5,20 +5,15 @@ museval costs ~20 s per 7 s 4-source track here, so each real track is evaluated
 fixtures) with a different perturbation per source, and edge cases use small synthetic tracks."""
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MUSDB18_7, musdb18_7_present, needs_musdb18_7
 
 from core import metrics as M
 
-MUSDB18_7 = Path(os.environ.get("MUSDB18_7_ROOT")
-                 or Path(__file__).resolve().parents[2] / "shared/data/musdb18-7")
-needs_musdb18_7 = pytest.mark.skipif(
-    not (MUSDB18_7 / "train").is_dir(),
-    reason=f"MUSDB18-7 previews not found at {MUSDB18_7} (set MUSDB18_7_ROOT)")
 W = 44100
 
 
@@ -211,7 +206,7 @@ def stores(request):
     track carries museval's real SDR frames when MUSDB18-7 is there."""
     import museval
 
-    real = request.getfixturevalue("real4") if (MUSDB18_7 / "train").is_dir() else None
+    real = request.getfixturevalue("real4") if musdb18_7_present() else None
     tracks, frames = {}, []
     for k, system in enumerate(["sysA", "sysB"]):
         for i in range(4):

@@ -148,13 +148,11 @@ def test_msst_folder_and_explicit_model_type(zoo, tmp_path):
         load_separator(f"{config}:{ckpt}?model_type=scnet")
 
 
-def test_msst_missing_checkpoint_fails_fast_offline(zoo, tmp_path):
+def test_msst_missing_checkpoint_fails_fast_offline(zoo, tmp_path, no_network):
     config, _ = zoo["bs_roformer"]
     missing = tmp_path / "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
-    t0 = time.perf_counter()
     with pytest.raises(PipelineError) as err:
         load_separator(f"{config}:{missing}", offline=True)
-    assert time.perf_counter() - t0 < 1.0
     msg = str(err.value)
     assert missing.name in msg and str(missing) in msg and f"put it in {tmp_path}" in msg
     assert "\n" not in msg

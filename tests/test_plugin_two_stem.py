@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import write_four_tracks
+from conftest import assert_separate_is_apply, write_four_tracks
 from test_adapters import MUSDB, save_umx_folder
 from test_separate import cli
 
@@ -112,4 +112,5 @@ def test_two_and_four_stem_models_are_blended_mixed_and_evaluated(env, tmp_path)
     assert cli("separate", song, "-e", "conv1x1-tiny", "-o", sep_out, "--device", "cpu",
                "--work", work) == 0
     assert sorted(p.stem for p in (sep_out / "song").iterdir()) == sorted(MUSDB)
+    assert_separate_is_apply(work, work / "runs" / "conv1x1-tiny", song, sep_out)
     assert "plugin_example" in sys.modules

@@ -1,6 +1,6 @@
 """Progress off a terminal: whole lines at most every PLAIN_INTERVAL seconds, no '\\r' frames."""
 import io
-import time
+import types
 
 import core.progress as progress
 
@@ -11,20 +11,25 @@ class _Tty(io.StringIO):
 
 
 def test_plain_lines_off_a_terminal(monkeypatch):
+    """20 redraws 1/64 s apart on the line clock, one line per 1/16 s at most: the first line,
+    one at redraws 4, 8, 12, 16, 20, and the last. The clock is a fake (steps exact in binary):
+    no sleeps, no timing on a shared machine."""
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     out = io.StringIO()
     with progress.progress_bar(total=2000, desc="cache", unit="s audio", file=out,
-                               mininterval=0.05) as bar:
-        for i in range(20):
+                               mininterval=1 / 16) as bar:
+        for i in range(1, 21):
+            now[0] = i / 64
             bar.set_postfix_str(f"track {i}")   # forces a redraw on a terminal
             bar.update(100)
-            time.sleep(0.01)
     text = out.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
     assert lines and all(line.startswith("cache:") for line in lines)
     assert "2000/2000" in lines[-1] and "100%" in lines[-1]
-    # timed: 20 updates over ~0.2 s at one line per 0.05 s give a handful of lines, not 20
-    assert 2 <= len(lines) <= 12
+    assert [line.split("track ")[-1].rstrip("]") for line in lines[1:6]] == ["4", "8", "12", "16", "20"]
+    assert len(lines) == 7
 
 
 def test_default_interval_keeps_logs_short():

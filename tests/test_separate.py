@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import write_four_tracks
+from conftest import assert_separate_is_apply, write_four_tracks
 from test_adapters import MUSDB, save_umx_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -120,6 +120,8 @@ def test_outputs_per_target_at_the_input_rate(env, run, fmt, tmp_path, capsys):
             assert info.subtype == ("FLOAT" if fmt == "wav" else "PCM_24")
             y, _ = sf.read(p, dtype="float32")
             assert np.isfinite(y).all() and np.abs(y).max() > 1e-4
+        # the run's own apply on the stems the stage stored for this file, at its rate
+        assert_separate_is_apply(env["work"], env["work"] / "runs" / run, src, out, fmt)
 
 
 def test_blend_equals_weighted_sum_of_the_models_separations(env, tmp_path):

@@ -1,23 +1,16 @@
-"""What every family's training recipe shares: option merging, exported state dicts, versions.
+"""What every family's training recipe shares: the `Recipe` record, option merging, exported
+state dicts, versions.
 
 A family module (separators/families/<name>.py) holds a model's loading/inference adapter and, for
-the families `pipeline train-base` trains, its recipe side by side. The recipe is a handful of
-module-level names the loop in `separators.train_base` reads:
-
-    TRAIN_NAME                  the `--family` name (aliases: separators.families)
-    PRESETS                     {preset: {"model": {...}, "train": {...}}} (tiny, small, paper)
-    MODEL_DEFAULTS              the network options when a preset does not set them
-    resolve_model(preset, model_options) -> dict   the network configuration (validated)
-    check_training(targets, amp)                    refuse what the family cannot train
-    prepare(run_dir, store, dataset_id, config, rank, split) -> anything build() needs
-    WITH_REST                   the data also yields "rest of the mixture" (X-UMX's loss)
-    build(config, prepared) -> (training network, loss function, the module to export)
-    export(bare, out, config, summary) -> files written into `out`
-    describe(config) -> (architecture line, loss line) for the model card
+the families `pipeline train-base` trains, its `Recipe` side by side (its Family record's
+`recipe`), which the loop in `separators.train_base` reads.
 
 This module sits below the family modules; they import it, never the loop.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +18,23 @@ from torch import nn
 
 from core.errors import PipelineError
 from core.versions import package_versions
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str                   # the `--family` name
+    aliases: tuple[str, ...]    # other spellings accepted for it
+    presets: dict               # {preset: {"model": {...}, "train": {...}}} (tiny, small, paper)
+    # (preset, model_options) -> the network configuration (validated)
+    resolve_model: Callable[[str, dict | None], dict]
+    check_training: Callable[[Sequence[str], str], None]   # (targets, amp): refuse what it cannot
+    # (run_dir, store, dataset_id, config, rank, split) -> anything build() needs
+    prepare: Callable[..., Any]
+    # (config, prepared) -> (training network, loss function, the module to export)
+    build: Callable[[dict, Any], tuple]
+    export: Callable[..., list]   # (bare, out, config, summary) -> files written into `out`
+    describe: Callable[[dict], tuple[str, str]]   # -> (architecture, loss) lines for the card
+    with_rest: bool = False     # the data also yields "rest of the mixture" (X-UMX's loss)
 
 
 def merge_options(family: str, what: str, base: dict, options: dict | None,

@@ -23,6 +23,12 @@ arguments, so it can only be read with full unpickling (`torch.load(weights_only
 done for files the user put there (`--repo DIR`, a path given on the command line, a shipped
 checkpoint, the user's own torch hub cache) - never for anything fetched implicitly by us.
 
+Sources: the model's `sources` through `core.sources.canonical_sources` (a two-source package's
+vocals + other or vocals + no_vocals is vocals + instrumental); a package we exported names them
+among the dataset's sources noted in its `training_args` (`dataset_sources`), so targets vocals,
+other of MUSDB stay MUSDB's. A single local `.th` is read as demucs's LocalRepo reads it (the
+checksum suffix verified), keeping those `training_args`.
+
 Training recipe (`train-base --family demucs`, at the end of this file): Hybrid Demucs
 (`demucs.hdemucs.HDemucs`) or Hybrid Transformer Demucs (`demucs.htdemucs.HTDemucs`), trained
 with the L1 loss on waveforms, exported in demucs's package format as `<sig>-<checksum>.th`
@@ -43,8 +49,10 @@ import torch
 import yaml
 
 from core.errors import PipelineError
-from separators.base import Separator, pick_options
-from separators.families.common import cpu_state, merge_options, waveform_l1
+from core.options import option
+from separators.base import Separator
+from separators.families import Family, Request, pick
+from separators.families.common import Recipe, cpu_state, merge_options, waveform_l1
 from separators.weights import (
     cached_checksum,
     check_torch_file,
@@ -58,12 +66,12 @@ from separators.weights import (
 
 FAMILY = "demucs"
 
-# name -> (type, default, None allowed)
-OPTIONS = {
-    "shifts": (int, 1, False),       # demucs's default: one random shift (seeded, see below)
-    "overlap": (float, 0.25, False),  # apply_model's overlap between chunks
-    "segment": (float, None, True),   # chunk length in seconds; None: the model's own
-}
+@dataclass(frozen=True)
+class DemucsOptions:
+    shifts: int = option(1, "random shifts averaged (seeded: the same input gives the same stems)")
+    overlap: float = option(0.25, "overlap between chunks")
+    segment: float | None = option(None, "chunk length in seconds (none given: the model's own)")
+
 
 # apply_model draws the shift offsets from Python's global `random`; we seed it for every call so
 # that the same input always gives the same stems (the stem store relies on that), and restore
@@ -254,13 +262,40 @@ def locate_demucs(name: str, repo: Path | None = None, offline: bool = False) ->
 # What a demucs model is
 # --------------------------------------------------------------------------------------------
 
+def _single_file(w: DemucsWeights) -> bool:
+    return (w.where == "repo" and not w.packaged_bag and w.bag == {"models": [w.name]}
+            and len(w.files) == 1 and w.files[0].suffix == ".th")
+
+
+def _load_package(path: Path):
+    """One local `.th` as demucs's LocalRepo.get_model reads it (checksum suffix verified), the
+    package's `training_args` kept on the model as `_training_args`: our exports note there the
+    dataset sources their targets were chosen from, which name the stems (DemucsSeparator)."""
+    import warnings
+
+    from demucs.repo import check_checksum
+    from demucs.states import load_model
+
+    if "-" in path.stem:
+        check_checksum(path, path.stem.rsplit("-", 1)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        package = torch.load(path, "cpu", weights_only=False)
+    model = load_model(package)
+    args = package.get("training_args")
+    model._training_args = dict(args) if isinstance(args, dict) else {}
+    return model
+
+
 def _load_model(w: DemucsWeights):
     """The demucs model (or BagOfModels) from located weights, through demucs's own loaders."""
     from demucs.pretrained import get_model
     from demucs.repo import ModelLoadingError
 
     try:
-        if w.where == "repo" and not w.packaged_bag:
+        if _single_file(w):
+            model = _load_package(w.files[0])
+        elif w.where == "repo" and not w.packaged_bag:
             model = get_model(w.name, repo=w.repo)
         elif w.where == "repo":
             from demucs.repo import BagOnlyRepo, LocalRepo
@@ -301,9 +336,15 @@ class DemucsSeparator(Separator):
         from demucs.apply import BagOfModels
         from demucs.htdemucs import HTDemucs
 
+        from core.sources import canonical_sources
+
         self.model = model
         self.name = name
-        self.sources = tuple(model.sources)
+        # a two-stem model's names mapped like every family's (vocals + other, vocals +
+        # no_vocals: vocals + instrumental); a model we trained is named among the dataset's
+        # sources it was trained on (targets [vocals, other] of MUSDB stay MUSDB's other)
+        within = getattr(model, "_training_args", {}).get("dataset_sources")
+        self.sources = canonical_sources(model.sources, within=within or None)
         self.sample_rate = int(model.samplerate)
         if int(model.audio_channels) != 2:
             raise PipelineError(f"{name}: a {model.audio_channels}-channel demucs model; only stereo models are supported")
@@ -354,7 +395,7 @@ class DemucsSeparator(Separator):
 def load_demucs(name: str, *, repo: Path | None = None, offline: bool = False, device="cpu",
                 options: dict | None = None, label: str | None = None) -> DemucsSeparator:
     """A pretrained name or a model of a local repo -> DemucsSeparator on `device`."""
-    opts = pick_options(FAMILY, options, OPTIONS)
+    opts = pick(DemucsOptions, options, f"{FAMILY} options")
     weights = locate_demucs(name, repo, offline)
     for f in weights.files:   # demucs unpickles .th files fully: look at them first
         if f.suffix == ".th":
@@ -418,7 +459,6 @@ def export_model(model, folder: str | Path, sig: str, training_args: dict | None
 # Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "demucs"
-WITH_REST = False
 
 # small: HDemucs, 8 channels: 0.57 steps/s -> 15 x 30 steps ~ 13 min, + ~2 min validation.
 # lr 1e-3, not demucs's 3e-4 (meant for batch 32 and hundreds of epochs): on the synthetic set 15
@@ -524,6 +564,7 @@ def export(model, out: Path, config: dict, summary: dict) -> list[Path]:
     package = {"klass": model.__class__, "args": args, "kwargs": kwargs,
                "state": cpu_state(model),
                "training_args": {"config": config, "dataset": summary["dataset_id"],
+                                 "dataset_sources": list(summary["sources"]),
                                  "best_epoch": summary["best_epoch"]}}
     buf = io.BytesIO()
     torch.save(package, buf)
@@ -536,3 +577,39 @@ def export(model, out: Path, config: dict, summary: dict) -> list[Path]:
 def describe(config: dict) -> tuple[str, str]:
     arch = config["model"].get("arch", "hdemucs").upper().replace("DEMUCS", "Demucs")
     return f"{arch} (hybrid waveform/spectrogram U-Net)", "L1 on waveforms"
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _is_model_folder(folder: Path) -> bool:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return (any(p.suffix == ".th" for p in files)
+            or any(is_bag_yaml(p) for p in files if p.suffix == ".yaml"))
+
+
+def _load(r: Request) -> DemucsSeparator:
+    if r.path is None:          # a pretrained name, or a model of --repo
+        return load_demucs(r.spec, repo=r.repo, offline=r.offline, device=r.device,
+                           options=r.options, label=r.label)
+    if r.path.is_dir():
+        return load_demucs(r.member or pick_local_name(r.path), repo=r.path, offline=r.offline,
+                           device=r.device, options=r.options, label=r.label)
+    if r.path.suffix == ".yaml" and not is_bag_yaml(r.path):
+        raise PipelineError(f"{r.path}: not a demucs bag definition (YAML with a 'models' list of "
+                            f"signatures)")
+    name = sig_of(r.path.name) if r.path.suffix == ".th" else r.path.stem
+    return load_demucs(name, repo=r.path.parent, offline=r.offline, device=r.device,
+                       options=r.options, label=r.label)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="Demucs (htdemucs, htdemucs_ft, htdemucs_6s, hdemucs_mmi, mdx, mdx_extra, ..., bags "
+            "included): a name, a <sig>.th / <name>.yaml, a folder (DIR:NAME for one of several)",
+    load=_load, options=DemucsOptions, folder=_is_model_folder,
+    file=lambda path: path.suffix in (".th", ".yaml"),
+    knows=lambda name, repo: is_pretrained(name) or (repo is not None and local_has(repo, name)),
+    names=pretrained_names, members=True,
+    recipe=Recipe(TRAIN_NAME, ("hdemucs", "htdemucs"), PRESETS, resolve_model, check_training,
+                  prepare, build, export, describe))

@@ -28,8 +28,12 @@ separated per block (the cache stage's rule), so only there can stems differ fro
 whole-track pass.
 
 Sources: `training.target_instrument` alone, else `training.instruments`; names go through
-`core.sources.canonical_sources` (a vocals + other pair is vocals + instrumental, MSST's
-"other_fix" meaning).
+`core.sources.canonical_sources`, each named by its place in `training.instruments` (a vocals +
+other pair is vocals + instrumental, MSST's "other_fix" meaning, so the lone target `other` of
+an instrumental RoFormer with `instruments: [other, vocals]` is the instrumental). Our own
+RoFormers also write `training.dataset_sources`, the dataset's sources their targets were chosen
+from, which then stands for the whole list (targets [vocals, other] of MUSDB stay MUSDB's
+vocals and other).
 
 Training recipe (`train-base --family roformer`, at the end of this file): BS-RoFormer (default)
 or Mel-RoFormer (`arch=mel_band_roformer`) with MSST's loss (L1 on waveforms + the
@@ -46,8 +50,9 @@ import torch
 import yaml
 
 from core.errors import PipelineError
-from separators.base import Separator
-from separators.families.common import cpu_state, merge_options
+from separators.base import Separator, parse_query
+from separators.families import Family, Request
+from separators.families.common import Recipe, cpu_state, merge_options
 from separators.weights import (
     cached_checksum,
     combined_checksum,
@@ -210,7 +215,12 @@ class MSSTSeparator(Separator):
         tr, inf, audio = cfg["training"], cfg["inference"], cfg.get("audio") or {}
         self.instruments = list(tr["instruments"])
         self.target = tr.get("target_instrument") or None
-        self.sources = canonical_sources([self.target] if self.target else self.instruments)
+        # a target is named by its place in the whole list: an instrumental RoFormer's lone
+        # `other` (instruments [other, vocals]) is the instrumental, not MUSDB's other; our own
+        # RoFormers record the dataset's sources they were trained among (a [vocals, other]
+        # subset of MUSDB is MUSDB's other)
+        self.sources = canonical_sources([self.target] if self.target else self.instruments,
+                                         within=tr.get("dataset_sources") or self.instruments)
         self.sample_rate = int(audio.get("sample_rate", 44100))
         self.demucs_mode = model_type == "htdemucs"
         if self.demucs_mode:
@@ -320,7 +330,6 @@ def load_msst(config_path: Path, ckpt_path: Path, *, device="cpu", model_type: s
 # Training recipe: a RoFormer of our own (separators.train_base; interface in separators.families.common)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "roformer"
-WITH_REST = False
 ARCHS = ("bs_roformer", "mel_band_roformer")
 
 
@@ -464,6 +473,8 @@ def export(network, out: Path, config: dict, summary: dict) -> list[Path]:
     model.ckpt, a bare state dict (the zoo's inference format)."""
     cfg = msst_config(config)
     cfg["training"]["best_epoch"] = summary["best_epoch"]
+    # the names' context (MSST ignores the key): targets are a subset of these sources
+    cfg["training"]["dataset_sources"] = list(summary["sources"])
     (out / "config.yaml").write_text(yaml.dump(cfg, sort_keys=False))
     torch.save(cpu_state(network), out / "model.ckpt")
     return [out / "config.yaml", out / "model.ckpt"]
@@ -478,3 +489,31 @@ def describe(config: dict) -> tuple[str, str]:
             f"{m['depth']}, {bands}; MSST's implementation)",
             f"L1 on waveforms + {m['multi_stft_resolution_loss_weight']:g} x multi-resolution "
             f"STFT L1 ({', '.join(map(str, m['multi_stft_resolutions_window_sizes']))})")
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _load(r: Request) -> MSSTSeparator:
+    if r.path is not None:      # a folder holding one config and one checkpoint
+        config, ckpt = folder_files(r.path)
+        return load_msst(config, ckpt, device=r.device, label=r.label)
+    base, params = parse_query(r.spec)
+    unknown = sorted(set(params) - {"model_type", "name"})
+    if unknown:
+        raise PipelineError(f"{r.spec}: unknown parameter(s) {', '.join(unknown)} "
+                            f"(known: model_type, name)")
+    config, ckpt = base.rsplit(":", 1)
+    return load_msst(Path(config).expanduser(), Path(ckpt).expanduser(), device=r.device,
+                     model_type=params.get("model_type"), label=params.get("name"))
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="Music-Source-Separation-Training (bs_roformer, mel_band_roformer, mdx23c, scnet, "
+            "htdemucs, apollo, ...): CONFIG.yaml:MODEL.ckpt[?model_type=..&name=..], or a folder "
+            "with one config .yaml and one .ckpt",
+    load=_load, owns=is_msst_spec, folder=lambda folder: folder_files(folder) is not None,
+    recipe=Recipe(TRAIN_NAME, ("bs_roformer", "bs-roformer", "mel_band_roformer",
+                               "mel-band-roformer"), PRESETS, resolve_model, check_training,
+                  prepare, build, export, describe))

@@ -26,6 +26,7 @@ import torch
 
 from core.errors import PipelineError
 from separators.base import Separator, parse_query
+from separators.families import Family
 from separators.weights import combined_checksum
 
 FAMILY = "plugin"
@@ -149,3 +150,19 @@ def load_plugin(spec: str, *, device="cpu") -> PluginSeparator:
                                   "weights": weights})
     name = label or dotted.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     return PluginSeparator(model, name, params, checksum).to(device)
+
+
+def _entry_point_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted(e.name for e in entry_points(group=ENTRY_POINT_GROUP))
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="any separator as Python code: py:package.module:factory[?key=value...], "
+            "entry:NAME, or an installed entry point's NAME",
+    load=lambda r: load_plugin(r.spec if r.spec.startswith(("py:", "entry:")) else f"entry:{r.spec}",
+                               device=r.device),
+    owns=lambda spec: spec.startswith(("py:", "entry:")),
+    knows=lambda name, repo: entry_point(name) is not None, names=_entry_point_names)

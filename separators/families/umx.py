@@ -40,8 +40,10 @@ from torch import nn
 
 from core.config import SOURCES
 from core.errors import PipelineError
-from separators.base import MaskingSeparator, pick_options, resolve_niter
+from separators.base import MaskingOptions, MaskingSeparator, resolve_niter
+from separators.families import Family, Request, pick
 from separators.families.common import (
+    Recipe,
     bandwidth_to_max_bin,
     cpu_state,
     resolve_preset_model,
@@ -80,12 +82,6 @@ PRETRAINED_URLS = {
     },
 }
 
-OPTIONS = {
-    "niter": (int, None, True),           # Wiener EM iterations; None: 1, or 0 with a single stem
-    "residual": (bool, False, False),     # add openunmix's "residual" stem
-    "wiener_win_len": (int, 300, False),  # frames per Wiener filtering block (openunmix default)
-    "segment": (float, 30.0, False),      # seconds per chunk for long inputs
-}
 
 
 def order_targets(targets) -> list[str]:
@@ -245,7 +241,7 @@ def _build_local(folder: Path, opts: dict):
 def load_openunmix(name_or_path: str, *, device="cpu", offline: bool = False, repo: Path | None = None,
                    options: dict | None = None, label: str | None = None) -> OpenUnmixSeparator:
     """'umxhq' / 'umxl' / 'umx', or an Open-Unmix model folder -> OpenUnmixSeparator on `device`."""
-    opts = pick_options(FAMILY, options, OPTIONS)
+    opts = pick(MaskingOptions, options, f"{FAMILY} options")
     if name_or_path in PRETRAINED_URLS:
         files = locate_pretrained(name_or_path, repo, offline)
         model, niter, checksum = _build_pretrained(name_or_path, files, opts)
@@ -265,7 +261,6 @@ def load_openunmix(name_or_path: str, *, device="cpu", offline: bool = False, re
 # Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "umx"
-WITH_REST = False
 
 # tiny: tests, seconds on a CPU at 8-16 kHz. small: 4 x hidden 128 at 0.9 steps/s on 2 shared
 # cores -> 20 x 36 steps ~ 13 min, + ~1.5 min validation. paper: Open-Unmix (hidden 512, 6 s,
@@ -413,3 +408,25 @@ def export(net: UMXTrainNet, out: Path, config: dict, summary: dict) -> list[Pat
 def describe(config: dict) -> tuple[str, str]:
     return ("Open-Unmix (spectrogram masking, one BLSTM network per target)",
             "MSE on magnitude spectrograms")
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _load(r: Request) -> OpenUnmixSeparator:
+    if r.path is None:
+        return load_openunmix(r.spec, device=r.device, offline=r.offline, repo=r.repo,
+                              options=r.options, label=r.label)
+    return load_openunmix(str(r.path), device=r.device, offline=r.offline, options=r.options,
+                          label=r.label)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="Open-Unmix (umxhq, umxl, umx): a name, or a model folder (separator.json, "
+            "<target>.json, <target>.pth)",
+    load=_load, options=MaskingOptions,
+    folder=lambda folder: (folder / "separator.json").is_file(),
+    knows=lambda name, repo: name in PRETRAINED_URLS, names=lambda: list(PRETRAINED_URLS),
+    recipe=Recipe(TRAIN_NAME, ("openunmix", "open-unmix"), PRESETS, resolve_model, check_training,
+                  prepare, build, export, describe))

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from core.errors import PipelineError
-from separators.base import Separator
+from separators.base import Separator, parse_query
+from separators.families import Family, Request
 from separators.weights import (
     cached_checksum,
     combined_checksum,
@@ -42,11 +43,19 @@ from separators.weights import (
 FAMILY = "uvr-mdx"
 HASH_BYTES = 10000 * 1024
 DATA_FILES = ("model_data.json", "mdx_model_data.json")
-# UVR's stem pairs (audio-separator's CommonSeparator.STEM_PAIR_MAPPER); otherwise "No <stem>"
-_PAIRS = {"Vocals": "Instrumental", "Instrumental": "Vocals", "Other": "No Other",
-          "Bass": "No Bass", "Drums": "No Drums", "Guitar": "No Guitar", "Piano": "No Piano"}
+# UVR's stem pairs (audio-separator's CommonSeparator.STEM_PAIR_MAPPER); otherwise see secondary_stem
+_PAIRS = {"Vocals": "Instrumental", "Instrumental": "Vocals", "lead_only": "backing_only",
+          "backing_only": "lead_only", "Primary Stem": "Secondary Stem"}
 _PARAMS = ("dim_f", "dim_t", "n_fft", "compensate", "primary_stem", "overlap", "hop_length",
            "name")
+
+
+def secondary_stem(primary: str) -> str:
+    """audio-separator's CommonSeparator.secondary_stem: the pair, else "No X" <-> "X" (UVR's
+    "No Crowd" model's secondary stem is "Crowd", not "No No Crowd")."""
+    if primary in _PAIRS:
+        return _PAIRS[primary]
+    return primary.replace("No ", "") if "No " in primary else f"No {primary}"
 
 
 def uvr_hash(path: Path) -> str:
@@ -105,7 +114,7 @@ class MDXNetSeparator(Separator):
         self.n_fft = int(data["mdx_n_fft_scale_set"])
         self.compensate = float(data["compensate"])
         primary = str(data["primary_stem"])
-        self.stems = (primary, _PAIRS.get(primary, f"No {primary}"))
+        self.stems = (primary, secondary_stem(primary))
         self.sources = canonical_sources(self.stems)
         self.sample_rate = 44100
         self.overlap, self.hop = float(overlap), int(hop_length)
@@ -180,3 +189,15 @@ def load_mdx_onnx(path: Path, params: dict, *, device="cpu") -> MDXNetSeparator:
                           overlap=float(params.get("overlap", 0.25)),
                           hop_length=int(params.get("hop_length", 1024)))
     return sep.to(device)
+
+
+def _load(r: Request) -> MDXNetSeparator:
+    path, params = parse_query(r.spec)
+    return load_mdx_onnx(Path(path).expanduser(), params, device=r.device)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="UVR MDX-Net: a .onnx file (optionally ?dim_f=..&dim_t=..&n_fft=..&compensate=..&"
+            "primary_stem=..&overlap=..; else UVR's / audio-separator's model data)",
+    load=_load, owns=lambda spec: Path(spec.partition("?")[0]).suffix.lower() == ".onnx")

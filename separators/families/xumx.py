@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from core.errors import PipelineError
-from separators.base import MaskingSeparator, pick_options, resolve_niter
+from separators.base import MaskingOptions, MaskingSeparator, resolve_niter
+from separators.families import Family, Request, pick
 from separators.families.common import (
+    Recipe,
     bandwidth_to_max_bin,
     cpu_state,
     resolve_preset_model,
@@ -58,12 +60,6 @@ OFFICIAL_FILES = {
     "pretrained_xumx_musdb18HQ.pth": "https://zenodo.org/record/4740378/files/pretrained_xumx_musdb18HQ.pth",
 }
 
-OPTIONS = {
-    "niter": (int, None, True),           # Wiener EM iterations; None: 1, or 0 with a single stem
-    "residual": (bool, False, False),     # add a "residual" stem (mixture minus the estimates)
-    "wiener_win_len": (int, 300, False),  # frames per Wiener filtering block
-    "segment": (float, 30.0, False),      # seconds per chunk for long inputs
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +200,7 @@ class XUMXSeparator(MaskingSeparator):
 def load_xumx(path: str | Path, *, device="cpu", options: dict | None = None,
               label: str | None = None) -> XUMXSeparator:
     """An asteroid X-UMX .pth file -> XUMXSeparator on `device`."""
-    opts = pick_options(FAMILY, options, OPTIONS)
+    opts = pick(MaskingOptions, options, f"{FAMILY} options")
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such X-UMX file")
@@ -218,7 +214,6 @@ def load_xumx(path: str | Path, *, device="cpu", options: dict | None = None,
 # Training recipe (separators.train_base; see separators.families.common for the interface)
 # --------------------------------------------------------------------------------------------
 TRAIN_NAME = "xumx"
-WITH_REST = True    # the multi-domain loss needs the whole mixture: targets + the rest
 
 # small: hidden 128 at 0.23-0.31 steps/s on 2 shared cores (the spectrogram-domain losses of 14
 # subsets, ISTFT) -> 12 x 20 steps ~ 13-17 min, + ~2 min validation. paper: asteroid's conf.yml
@@ -373,3 +368,36 @@ def describe(config: dict) -> tuple[str, str]:
             + f" + {m['alpha']:g} x (1 - weighted SDR)"
             + (", over all sums of 1..J-1 targets (combination loss)" if m["combine"] else ""))
     return arch, loss
+
+
+# --------------------------------------------------------------------------------------------
+# The family, as separators.registry sees it
+# --------------------------------------------------------------------------------------------
+def _model_file(folder: Path) -> Path | None:
+    """The X-UMX file of a folder holding exactly one .pth (several, and no other family's
+    files: ambiguous)."""
+    pths = [p for p in folder.iterdir() if p.is_file() and p.suffix == ".pth"]
+    if len(pths) > 1:
+        raise PipelineError(f"{folder}: several .pth files and no separator.json; pass the X-UMX "
+                            f".pth file itself, or add separator.json for an Open-Unmix model")
+    return pths[0] if pths else None
+
+
+def _load(r: Request) -> XUMXSeparator:
+    if r.path is None:          # "xumx": the official weights, never downloaded
+        return load_xumx(locate_official_xumx(r.repo), device=r.device, options=r.options,
+                         label=r.label or r.spec)
+    path = _model_file(r.path) if r.path.is_dir() else r.path
+    return load_xumx(path, device=r.device, options=r.options, label=r.label)
+
+
+RECORD = Family(
+    name=FAMILY,
+    summary="X-UMX (asteroid): a .pth file (or xumx, the official weights, in --repo / the hub "
+            "cache)",
+    load=_load, options=MaskingOptions,
+    folder=lambda folder: _model_file(folder) is not None,
+    file=lambda path: path.suffix == ".pth",
+    knows=lambda name, repo: name == "xumx", names=lambda: ["xumx"],
+    recipe=Recipe(TRAIN_NAME, ("x-umx",), PRESETS, resolve_model, check_training, prepare, build,
+                  export, describe, with_rest=True))
