@@ -1,19 +1,20 @@
 """The blend search: the objective of any weights from the per-frame statistics (SourceStats,
 which mixer.blend.collect_stats gathers), and the search for the best grid point per source.
 
-Modes (`search_mode`). The grid has C(1/step + M - 1, M - 1) points: 10 626 for 5 models
-at step 0.05, 8.5e7 for 12, 6.9e10 for 20. 'exhaustive' scores all of them (the exact grid
-optimum; refused, before allocating, when the grid would pass GRID_BYTES). 'local' starts from
-the exact least-squares blend (the convex, uSDR-like objective sum_t |r - s_hat|^2 / |r|^2 over
-the tracks, minimised on the simplex by mixer.simplex's active set, then taken to the nearest grid
-point), from the uniform blend and from the best single models, and climbs from each by exchange
-moves (move any number of steps of weight from one model to another: K (M - 1) neighbours, scored
-at once and incrementally), always to the best neighbour while it gains, keeping the best end
-point. Its cost is polynomial in M and linear in frames; every move gains, so the result never
-scores below the best single model nor the least-squares grid point on the search split; it is
-a grid point at which no exchange move gains, not a certificate of the global grid optimum.
-'auto' (the default) is 'exhaustive' up to AUTO_POINTS points per source, else 'local'. Scoring
-runs in chunks of at most CELLS (points x frames), so memory does not depend on the grid.
+Modes (`search_mode`: the blend record's option `search`, mixer.blend.BlendOptions). The grid has
+C(1/step + M - 1, M - 1) points: 10 626 for 5 models at step 0.05, 8.5e7 for 12, 6.9e10 for 20.
+'exhaustive' scores all of them (the exact grid optimum; refused, before allocating, when the grid
+would pass GRID_BYTES). 'local' starts from the exact least-squares blend (the convex, uSDR-like
+objective sum_t |r - s_hat|^2 / |r|^2 over the tracks, minimised on the simplex by mixer.simplex's
+active set, then taken to the nearest grid point), from the uniform blend and from the best single
+models, and climbs from each by exchange moves (move any number of steps of weight from one model
+to another: K (M - 1) neighbours, scored at once and incrementally), always to the best neighbour
+while it gains, keeping the best end point. Its cost is polynomial in M and linear in frames;
+every move gains, so the result never scores below the best single model nor the least-squares
+grid point on the search split; it is a grid point at which no exchange move gains, not a
+certificate of the global grid optimum. 'auto' (the default) is 'exhaustive' up to AUTO_POINTS
+points per source, else 'local'. Scoring runs in chunks of at most CELLS (points x frames), so
+memory does not depend on the grid.
 """
 from __future__ import annotations
 

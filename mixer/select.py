@@ -6,10 +6,11 @@ whose addition scores best, while the gain exceeds `min_gain` dB; optionally it 
 one at a time, any model whose removal costs at most `min_gain`. The score of a set is the mean
 over the dataset's sources of
 
-* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blendsearch's search, in its
-  `search_mode`: the exhaustive grid while it is small, else the local search, so pools of 20
-  and more stay affordable; from one pass of per-frame inner products over all candidates; a
-  set in which no model outputs some source is not a system and is never chosen);
+* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blendsearch's search, in
+  its `search_mode`, the blend's option `search` (`--search`): the exhaustive grid while it is
+  small, else the local search, so pools of 20 and more stay affordable; from one pass of
+  per-frame inner products over all candidates; a set in which no model outputs some source is
+  not a system and is never chosen);
 * --by conv1x1: the objective of the conv1x1 mixer over the set (inputs: the mixture and every
   output of the set's models, normalised per track as mixer.inputs does), its matrix fitted in
   closed form by least squares on the same split, i.e. the conv1x1 trained to convergence under
