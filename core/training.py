@@ -157,13 +157,17 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
           batch_size: int, seed: int, run_dir: str | Path, device=None,
           make_scheduler: Callable | None = None, num_workers: int = 0, amp: str = "auto",
           max_batches_per_epoch: int | None = None, resume: bool = True,
-          progress: bool = True, grad_clip: float | None = None) -> TrainResult:
+          progress: bool = True, grad_clip: float | None = None,
+          warmup_steps: int = 0) -> TrainResult:
     """Train `model` for `epochs` epochs in total (resuming from `run_dir/last.pt` if present).
 
     valid: a Dataset (mean `loss_fn` over it) or a function model -> validation loss; `best.pt`
         is the epoch with the lowest. None: no validation, `best.pt` is the last epoch (for data
         whose only held-out split is the one the result will be evaluated on).
     make_scheduler: optimizer -> scheduler stepped once per epoch, or None.
+    warmup_steps: the first `warmup_steps` optimizer steps of the run scale the scheduled learning
+        rate by step / warmup_steps (the linear warm-up of MSST's and transformers' schedulers):
+        a transformer from random weights stalls or diverges at its full rate.
     The caller seeds torch before building the model so its initial weights are reproducible.
     """
     rank, world = _distributed()
@@ -209,9 +213,17 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
                             pin_memory=device.type == "cuda", drop_last=False)
         model.train()
         total, count = 0.0, 0
+        scheduled = [g["lr"] for g in optimizer.param_groups]
         for i, batch in enumerate(loader):
             if i == per_epoch:
                 break
+            step = epoch * per_epoch + i   # a function of (epoch, i): a resumed run warms alike
+            if step < warmup_steps:
+                for g, lr in zip(optimizer.param_groups, scheduled):
+                    g["lr"] = lr * (step + 1) / warmup_steps
+            elif step == warmup_steps and warmup_steps:
+                for g, lr in zip(optimizer.param_groups, scheduled):
+                    g["lr"] = lr
             inputs, targets = _to(batch, device)
             with torch.autocast(device.type, dtype=low, enabled=low is not None):
                 outputs = model(inputs)
@@ -228,6 +240,8 @@ def train(model: nn.Module, loss_fn: Callable, train_data: Dataset,
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
         train_loss = _mean_over_ranks(total, count, device, world)
+        for g, lr in zip(optimizer.param_groups, scheduled):   # the scheduler steps from these
+            g["lr"] = lr
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()

@@ -30,6 +30,7 @@ The chosen list is written as JSON (the selection file), which experiment files 
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,6 +53,7 @@ from mixer.inputs import (
 
 BY = ("blend", "conv1x1")
 ROW_FRAMES = 64          # rows x frames of float64 formed at once (memory on long tracks)
+SCORE_FRAMES = 1024      # frames scored at once: the temporaries stay a few MiB at any length
 
 
 # ---- scores of a set of models ---------------------------------------------------------------
@@ -89,7 +91,11 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
     """tracks: TrackEntry of `dataset_id`, or (dataset id, TrackEntry) pairs (mixer.data)."""
     C, O = spec.in_channels, spec.out_channels
     per_block = max(1, ROW_FRAMES // (C + O))
-    acc = {k: [] for k in ("G", "scale", "rr", "ref_silent", "zero", "track", "full")}
+    acc = {k: [] for k in ("scale", "rr", "ref_silent", "zero", "track", "full")}
+    # The Gram matrices are the bulk ((C + O)^2 float64 per frame, growing with the training audio):
+    # they go to an unlinked temporary file, read back as a memory map, whose pages the kernel
+    # may evict, instead of anonymous memory that every remix would add to.
+    spill, frames = tempfile.TemporaryFile(prefix="conv1x1-grams-"), 0
     for t, item in enumerate(progress_bar(tracks, desc="conv1x1 statistics", unit="track",
                                           disable=not progress)):
         ds, track = item if isinstance(item, tuple) else (dataset_id, item)
@@ -107,7 +113,8 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             y = normalise(assemble_targets(refs, start, stop), stats)
             z = np.concatenate([x, y]).astype(np.float64).reshape(C + O, count, length).transpose(1, 0, 2)
             ref = np.asarray(refs[:, :, start:stop], dtype=np.float64).reshape(-1, 2, count, length)
-            acc["G"].append(grams(z))
+            grams(z).tofile(spill)
+            frames += count
             acc["zero"].append(zero)
             acc["rr"].append(np.square(ref).sum(axis=(1, 3)).T)
             acc["ref_silent"].append(~np.any(ref[:, 0] + ref[:, 1] != 0, axis=-1).T)
@@ -116,7 +123,11 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             acc["full"].append(np.full(count, full))
     first = 2 * spec.with_mixture + np.cumsum([0] + [2 * len(s) for s in spec.model_sources])
     channels = [list(range(first[m], first[m + 1])) for m in range(len(spec.model_keys))]
-    return Conv1x1Stats(**{k: np.concatenate(v) for k, v in acc.items()}, channels=channels,
+    spill.flush()
+    shape = (frames, C + O, C + O)
+    G = np.memmap(spill, dtype=np.float64, mode="r", shape=shape) if frames else np.zeros(shape)
+    spill.close()   # the map keeps its own reference to the file
+    return Conv1x1Stats(G=G, **{k: np.concatenate(v) for k, v in acc.items()}, channels=channels,
                         n_inputs=C)
 
 
@@ -125,22 +136,30 @@ class Conv1x1Score:
 
     def __init__(self, stats: Conv1x1Stats, objective: str, with_mixture: bool = True):
         self.st, self.objective, self.with_mixture = stats, objective, with_mixture
+        G = stats.G
+        self.total = sum((G[a:a + SCORE_FRAMES].sum(0) for a in range(0, len(G), SCORE_FRAMES)),
+                         np.zeros(G.shape[1:]))     # every sample's Gram matrix: what W fits
 
     def fit(self, models: list[int]) -> tuple[list[int], np.ndarray]:
         """(input rows, W [rows, O]) minimising the squared error over every sample of the split."""
         st = self.st
         rows = [0, 1] * self.with_mixture + [c for m in models for c in st.channels[m]]
         ys = list(range(st.n_inputs, st.G.shape[1]))
-        A, B = st.G[:, rows][:, :, rows].sum(0), st.G[:, rows][:, :, ys].sum(0)
+        A, B = self.total[np.ix_(rows, rows)], self.total[np.ix_(rows, ys)]
         return rows, np.linalg.lstsq(A, B, rcond=None)[0]   # min-norm when rows are collinear
 
     def __call__(self, models: list[int]) -> float:
         st = self.st
         rows, W = self.fit(models)
         ys = list(range(st.n_inputs, st.G.shape[1]))
-        gxx, gxy = st.G[:, rows][:, :, rows], st.G[:, rows][:, :, ys]
-        gyy = np.einsum("foo->fo", st.G[:, ys][:, :, ys])
-        err = gyy - 2 * np.einsum("fco,co->fo", gxy, W) + np.einsum("co,fcd,do->fo", W, gxx, W)
+
+        def residual(G):   # [f, O]: |y - W x|^2 per frame and output channel, normalised units
+            gxx, gxy = G[:, rows][:, :, rows], G[:, rows][:, :, ys]
+            gyy = np.einsum("foo->fo", G[:, ys][:, :, ys])
+            return gyy - 2 * np.einsum("fco,co->fo", gxy, W) + np.einsum("co,fcd,do->fo", W, gxx, W)
+
+        err = np.concatenate([residual(st.G[a:a + SCORE_FRAMES])
+                              for a in range(0, len(st.G), SCORE_FRAMES)] or [np.zeros((0, len(ys)))])
         err = np.maximum(st.scale[:, None] * (err[:, 0::2] + err[:, 1::2]), 0.0)   # [F, S]
         if self.objective == "usdr":
             tracks = np.unique(st.track)

@@ -62,6 +62,9 @@ _COMMON_TRAIN = dict(segment=6.0, batch_size=16, epochs=100, samples_per_epoch=N
                      samples_per_track=64, lr=1e-3, weight_decay=1e-5, lr_schedule="cosine",
                      lr_min_ratio=0.1, grad_clip=None, valid_segment=None, valid_max_items=None,
                      augment=Augment().to_dict())
+# Loop options recorded only when set, so that runs which never used them keep their
+# configuration (a resume or a kept run compares it).
+_OPTIONAL_TRAIN = dict(warmup_steps=0)
 
 
 def resolve_config(family: str, preset: str, *, sample_rate: int, n_train_tracks: int,
@@ -75,8 +78,11 @@ def resolve_config(family: str, preset: str, *, sample_rate: int, n_train_tracks
     if preset not in fam.presets:
         raise PipelineError(f"preset '{preset}': choose one of {', '.join(fam.presets)}")
     model = fam.resolve_model(preset, model_options)
+    options = dict(train_options or {})
+    optional = {k: options.pop(k) for k in _OPTIONAL_TRAIN if k in options}
     train = merge_options(family, "train", {**_COMMON_TRAIN, **fam.presets[preset]["train"]},
-                          train_options)
+                          options)
+    train.update({k: v for k, v in optional.items() if v})
     train["augment"] = Augment(**{**Augment().to_dict(), **dict(train["augment"])}).to_dict()
     train["augment"]["gain"] = list(train["augment"]["gain"])
     seg = int(round(train["segment"] * sample_rate))
@@ -236,7 +242,8 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
             channels, depth, t_layers).
         train_options: further loop options (weight_decay, lr_schedule 'cosine'|'constant',
             lr_min_ratio, grad_clip, samples_per_track, valid_segment, valid_max_items, augment
-            as a dict of `separators.train_data.Augment` fields).
+            as a dict of `separators.train_data.Augment` fields, warmup_steps: a linear warm-up
+            over the first optimizer steps, as MSST trains its RoFormers).
         device: 'cpu', 'cuda', 'cuda:1' (default: cuda when available); under torchrun each rank
             uses cuda:LOCAL_RANK and the data is split over ranks (DDP).
         resume: continue from run_dir/last.pt when present (the configuration must match; only
@@ -360,7 +367,7 @@ def train_base(store: StemStore, dataset_id: str, family: str, preset: str = "sm
                    batch_size=t["batch_size"], seed=int(seed), run_dir=run_dir, device=device,
                    make_scheduler=make_scheduler if t["lr_schedule"] != "constant" else None,
                    num_workers=num_workers, amp=amp, resume=resume, progress=progress,
-                   grad_clip=t["grad_clip"])
+                   grad_clip=t["grad_clip"], warmup_steps=int(t.get("warmup_steps", _OPTIONAL_TRAIN["warmup_steps"])))
 
     model_dir = run_dir / "model"
     seconds = float(sum(r["seconds"] for r in result.metrics))

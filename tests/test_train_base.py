@@ -271,6 +271,51 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path, monkey
         train_base(store, ds, "umx", "tiny", tmp_path / "resumed", lr=0.5, **kw)
 
 
+def test_warmup_ramps_the_rate_linearly_then_follows_the_schedule_and_resumes_alike(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from core.training import cosine_schedule, train
+
+    def run(run_dir, epochs, seen):
+        class Recording(torch.optim.SGD):
+            def step(self, closure=None):
+                seen.append(self.param_groups[0]["lr"])
+                return super().step(closure)
+
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+        return train(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss, data, None,
+                     lambda p: Recording(p, lr=0.1), epochs=epochs, batch_size=2, seed=0,
+                     run_dir=run_dir, device="cpu", make_scheduler=cosine_schedule(3),
+                     warmup_steps=6, progress=False)
+
+    whole = []
+    result = run(tmp_path / "whole", 3, whole)
+    sched = [r["lr"] for r in result.metrics]          # 4 steps per epoch
+    assert sched[0] == pytest.approx(0.1) and sched[2] < sched[1] < sched[0]
+    want = ([sched[0] * k / 6 for k in (1, 2, 3, 4)] + [sched[1] * k / 6 for k in (5, 6)]
+            + [sched[1]] * 2 + [sched[2]] * 4)
+    assert whole == pytest.approx(want)
+    part = []
+    run(tmp_path / "resumed", 1, part)
+    run(tmp_path / "resumed", 3, part)
+    assert part == pytest.approx(whole)
+
+
+def test_warmup_steps_is_a_train_option_recorded_only_when_set(tiny, tmp_path):
+    store, ds = tiny
+    kw = dict(seed=4, epochs=1, progress=False)
+    warm = train_base(store, ds, "umx", "tiny", tmp_path / "warm",
+                      train_options={"warmup_steps": 3}, **kw)
+    plain = train_base(store, ds, "umx", "tiny", tmp_path / "plain",
+                       train_options={"warmup_steps": 0}, **kw)
+    assert warm.config["train"]["warmup_steps"] == 3
+    assert "warmup_steps" not in plain.config["train"]     # older runs' configurations hold
+    a = torch.load(tmp_path / "warm" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "best.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)     # the warm-up changed the steps
+
+
 def test_bad_requests_are_one_line_errors(tiny, tmp_path):
     store, ds = tiny
     with pytest.raises(PipelineError, match="family 'wavenet'"):
