@@ -6,9 +6,11 @@ whose addition scores best, while the gain exceeds `min_gain` dB; optionally it 
 one at a time, any model whose removal costs at most `min_gain`. The score of a set is the mean
 over the dataset's sources of
 
-* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blend's exact search,
-  from one pass of per-frame inner products over all candidates; a set in which no model
-  outputs some source is not a system and is never chosen);
+* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blendsearch's search, in
+  its `search_mode`, the blend's option `search` (`--search`): the exhaustive grid while it is
+  small, else the local search, so pools of 20 and more stay affordable; from one pass of
+  per-frame inner products over all candidates; a set in which no model outputs some source is
+  not a system and is never chosen);
 * --by conv1x1: the objective of the conv1x1 mixer over the set (inputs: the mixture and every
   output of the set's models, normalised per track as mixer.inputs does), its matrix fitted in
   closed form by least squares on the same split, i.e. the conv1x1 trained to convergence under
@@ -38,14 +40,8 @@ import numpy as np
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
-from mixer.blend import (
-    OBJECTIVES,
-    collect_stats,
-    frame_blocks,
-    grams,
-    nanmedian_rows,
-    search,
-)
+from mixer.blend import collect_stats, frame_blocks, grams
+from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
 from mixer.data import fitting_tracks
 from mixer.inputs import (
     InputSpec,
@@ -64,14 +60,14 @@ SCORE_FRAMES = 1024      # frames scored at once: the temporaries stay a few MiB
 class BlendScore:
     """Mean over sources of the best blend's objective for a set of model indices."""
 
-    def __init__(self, stats, step: float, objective: str):
-        self.stats, self.step, self.objective = stats, step, objective
+    def __init__(self, stats, step: float, objective: str, search_mode: str = "auto"):
+        self.stats, self.step, self.objective, self.search_mode = stats, step, objective, search_mode
 
     def __call__(self, models: list[int]) -> float:
         sub = [st.restricted(models) for st in self.stats]
         if any(st is None for st in sub):
             return -np.inf
-        return float(np.mean(search(sub, self.step, self.objective).best))
+        return float(np.mean(search(sub, self.step, self.objective, self.search_mode).best))
 
 
 @dataclass
@@ -227,19 +223,23 @@ def greedy(n_models: int, score: Callable[[list[int]], float], min_gain: float,
 
 def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: str = "blend",
                   split: str = "select", objective: str = "museval", step: float = 0.1,
-                  min_gain: float = 0.01, backward: bool = False, out: str | Path | None = None,
-                  progress: bool = True, log=print, extra_data: Sequence[str] = ()) -> dict:
-    """Choose among `models` on `split` (and the `extra_data` datasets, mixer.data); write the
-    selection file to `out` when given."""
+                  min_gain: float = 0.01, backward: bool = False, search_mode: str = "auto",
+                  out: str | Path | None = None, progress: bool = True, log=print,
+                  extra_data: Sequence[str] = ()) -> dict:
+    """Choose among `models` on `split` (and the `extra_data` datasets, mixer.data), scoring
+    blends with the search `search_mode` (mixer.blendsearch); write the selection file to `out`
+    when given."""
     if by not in BY:
         raise PipelineError(f"select-models --by {by}: choose one of {', '.join(BY)}")
-    if objective not in OBJECTIVES:
-        raise PipelineError(f"select-models objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
+    check_search(objective, search_mode, "select-models")
     if len(models) < 2:
         raise PipelineError("select-models: give at least two candidate models (-m A -m B ...)")
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=by == "conv1x1")
     if len(set(spec.model_keys)) != len(spec.model_keys):
         raise PipelineError("select-models: a model is named twice among the candidates")
+    if by == "blend":   # the largest set's grid: a refused exhaustive search fails before any work
+        search_modes([sum(t in s for s in spec.model_sources) for t in spec.targets], step,
+                     search_mode, "select-models")
     tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to select on")
@@ -248,7 +248,7 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
         pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
                  for d, t in progress_bar(tracks, desc="blend statistics", unit="track",
                                           disable=not progress))
-        score = BlendScore(collect_stats(pairs, spec, win), step, objective)
+        score = BlendScore(collect_stats(pairs, spec, win), step, objective, search_mode)
     else:
         score = Conv1x1Score(collect_conv1x1_stats(store, dataset_id, spec, tracks, win, progress),
                              objective)
@@ -264,8 +264,9 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
         log(f"  stop: adding {names[stopped['model']]} would gain {stopped['gain']:+.3f} dB "
             f"(<= {min_gain})")
     result = {"by": by, "dataset": dataset_id, "split": split, "extra_data": list(extra_data),
-              "objective": objective,
-              "step": step if by == "blend" else None, "min_gain": min_gain, "backward": backward,
+              "objective": objective, "step": step if by == "blend" else None,
+              "search": search_mode if by == "blend" else None,
+              "min_gain": min_gain, "backward": backward,
               "candidates": [{"key": k, "name": n} for k, n in zip(spec.model_keys, names)],
               "models": [{"key": spec.model_keys[m], "name": names[m]} for m in chosen],
               "score": path[-1].score,
