@@ -219,8 +219,8 @@ def search_modes(sizes: Sequence[int], step: float, search_mode: str, what: str 
         M = max(exhaustive)
         raise PipelineError(f"{what}: an exhaustive search over {M} models at step {step} scores "
                             f"{grid_size(M, K):,} grid points per source ({need / 2**30:.1f} GiB; "
-                            f"at most {GRID_BYTES / 2**30:.1f} GiB): use search mode 'local' or "
-                            f"'auto', or a coarser step")
+                            f"at most {GRID_BYTES / 2**30:.1f} GiB): use --search local or auto "
+                            f"(search = \"local\" in an experiment), or a coarser --step")
     return modes
 
 
