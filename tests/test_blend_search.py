@@ -216,7 +216,7 @@ def test_auto_keeps_the_exhaustive_grid_where_affordable_and_refuses_a_huge_one(
     assert search_modes([20], 0.05, "local") == ["local"]
     t0 = time.perf_counter()
     with pytest.raises(PipelineError, match=r"exhaustive search over 12 models at step 0.05 scores "
-                                            r"84,672,315 grid points.*'local'") as e:
+                                            r"84,672,315 grid points.*--search local") as e:
         search_modes([12, 12, 12, 12], 0.05, "exhaustive")
     assert "\n" not in str(e.value) and time.perf_counter() - t0 < 0.1   # nothing was allocated
     stats, _ = constructed(12, 0, tracks=1, frames=2)
