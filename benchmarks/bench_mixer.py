@@ -80,7 +80,8 @@ def setup(work: Path, n_train: int, n_valid: int, seconds: float):
 # ---- (a) ---------------------------------------------------------------------------------------
 def bench_blend(store, ds_id, keys, step: float, split: str):
     from core.metrics import framewise_sdr, median_over_tracks, track_median
-    from mixer.blend import search_blend, simplex_grid
+    from mixer.blend import search_blend
+    from mixer.simplex import simplex_grid
     from mixer.inputs import InputSpec
 
     t0 = time.perf_counter()

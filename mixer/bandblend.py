@@ -20,7 +20,13 @@ at step 0.05), so it is searched by coordinate ascent: start from the plain blen
 (every band alike), then for one band at a time try its whole simplex grid with the other bands
 fixed and keep the best, sweeping the bands until none changes. Every accepted move improves the
 objective on the search split, so the result is never below the plain blend there. Silence
-masks couple the sources as in mixer.blend.search: rounds repeat until they are consistent.
+masks couple the sources as in mixer.blendsearch.search: rounds repeat until they are consistent.
+
+Where one band's simplex grid is too large to score whole (mixer.blendsearch's modes: 'auto'
+goes 'local' above AUTO_POINTS points, e.g. 6 models at step 0.05), the plain blend is
+mixer.blendsearch's local search on the models' whole signals (the band signals summed), and each
+band's step is an exchange-move ascent within the band instead of its whole grid: the same
+guarantee (never below the plain blend), at a cost polynomial in the number of models.
 """
 from __future__ import annotations
 
@@ -36,21 +42,23 @@ from core.errors import PipelineError
 from core.options import option
 from core.progress import progress_bar
 from core.store import StemStore, write_json_atomic
-from mixer.blend import (
-    OBJECTIVES,
-    BlendOptions,
+from mixer.blend import BlendOptions, collect_stats, source_models
+from mixer.blendsearch import (
+    SourceObjective,
     SourceStats,
+    ascend,
     blend_sounds,
-    collect_stats,
+    check_search,
     frame_contexts,
+    local_search,
     score,
-    simplex_grid,
-    source_models,
+    search_modes,
 )
 from mixer.data import describe as describe_tracks
 from mixer.data import fitting_tracks
 from mixer.ensemble import FitRequest, Method, Mixer, run_config
 from mixer.inputs import InputSpec
+from mixer.simplex import grid_divisions, simplex_grid
 from mixer.spectral import blockwise
 from mixer.stft import HOP, N_FFT, istft_frames, stft_frames
 
@@ -184,6 +192,7 @@ class BandSearch:
     sweeps: int                   # band sweeps, all targets and rounds
     points: int                   # grid points scored
     converged: bool
+    modes: list[str] | None = None   # per target, exhaustive | local (mixer.blendsearch's modes)
 
 
 def _flat(w: np.ndarray) -> np.ndarray:
@@ -220,17 +229,58 @@ def _ascend(st: SourceStats, grid: np.ndarray, count: int, objective: str, ctx, 
     return w, value, plain, plain_value
 
 
-def search_bands(stats: list[SourceStats], count: int, step: float, objective: str) -> BandSearch:
-    if objective not in OBJECTIVES:
-        raise PipelineError(f"band-blend objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
-    grids = [simplex_grid(len(st.models) // count, step) for st in stats]
+def tied(st: SourceStats, count: int) -> SourceStats:
+    """The statistics of the models' whole signals (each model's band signals summed): the plain
+    blend's, whose weights are the same in every band."""
+    F, M = len(st.rr), len(st.models) // count
+
+    def b_(b):
+        return b.reshape(len(b), M, count).sum(2)
+
+    def G_(G):
+        return G.reshape(len(G), M, count, M, count).sum((2, 4))
+    return SourceStats([m // count for m in st.models[::count]], st.rr, st.ref_silent,
+                       st.silent.reshape(F, M, count).all(2), b_(st.b), G_(st.G), st.track, st.full,
+                       st.n_tracks, {"rr": st.totals["rr"], "b": b_(st.totals["b"]),
+                                     "G": G_(st.totals["G"])})
+
+
+def _ascend_local(st: SourceStats, count: int, K: int, objective: str, ctx, counter: dict):
+    """_ascend for a grid too large to score whole: the plain blend by mixer.blendsearch's local search,
+    then per band an exchange-move ascent among that band's weights, the other bands fixed."""
+    plain_obj = SourceObjective(tied(st, count), objective, ctx)
+    plain, _, _ = local_search(plain_obj, tied(st, count), K)
+    obj = SourceObjective(st, objective, ctx)
+    M = len(plain)
+    flat = np.repeat(plain, count)                       # band model i * count + b
+    plain_value = value = float(np.nan_to_num(obj.values(flat[None] / K)[0], nan=-np.inf))
+    for _ in range(MAX_SWEEPS):
+        counter["sweeps"] += 1
+        moved = False
+        for b in range(count):
+            flat, value, moves = ascend(obj, flat, K, cols=np.arange(M) * count + b, value=value)
+            moved = moved or moves > 0
+        if not moved:
+            break
+    counter["points"] += plain_obj.scored + obj.scored
+    return flat.reshape(M, count).T / K, value, plain / K, plain_value
+
+
+def search_bands(stats: list[SourceStats], count: int, step: float, objective: str,
+                 search_mode: str = "auto") -> BandSearch:
+    check_search(objective, search_mode, "band-blend")
+    K = grid_divisions(step)
+    modes = search_modes([len(st.models) // count for st in stats], step, search_mode, "band-blend")
+    grids = [simplex_grid(len(st.models) // count, step) if mode == "exhaustive" else None
+             for st, mode in zip(stats, modes)]
     contexts = frame_contexts(stats, objective)
     counter = {"points": 0, "sweeps": 0}
     masks = [blend_sounds(st, np.ones((1, len(st.models))))[0] for st in stats]
     converged = objective == "usdr"
     for rounds in range(1, MAX_ROUNDS + 1):
         ctx = contexts(masks)
-        found = [_ascend(st, g, count, objective, c, counter) for st, g, c in zip(stats, grids, ctx)]
+        found = [_ascend(st, g, count, objective, c, counter) if g is not None else
+                 _ascend_local(st, count, K, objective, c, counter) for st, g, c in zip(stats, grids, ctx)]
         new_masks = [blend_sounds(st, _flat(f[0])[None])[0] for st, f in zip(stats, found)]
         if objective == "usdr" or all(np.array_equal(a, b) for a, b in zip(masks, new_masks)):
             converged = True
@@ -249,7 +299,7 @@ def search_bands(stats: list[SourceStats], count: int, step: float, objective: s
         single.append({m // count: float(score(st, np.repeat(eye[i][None], count, axis=1),
                                                objective, c)[0]) for i, m in enumerate(models)})
     return BandSearch(weights, best, plain, plain_best, single, rounds, counter["sweeps"],
-                      counter["points"], converged)
+                      counter["points"], converged, modes)
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -295,11 +345,14 @@ def _markdown(spec: InputSpec, config: dict) -> str:
 
 def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, bands: int = 8,
                       scale: str = "mel", step: float = 0.05, objective: str = "museval",
-                      split: str = "select", run_dir: str | Path | None = None,
-                      progress: bool = True, extra_data: Sequence[str] = ()) -> dict:
-    """Search band weights on `split` (and the `extra_data` datasets, mixer.data); write
-    `run_dir` (config.json, weights.md) when given."""
+                      split: str = "select", search_mode: str = "auto",
+                      run_dir: str | Path | None = None, progress: bool = True,
+                      extra_data: Sequence[str] = ()) -> dict:
+    """Search band weights on `split` (and the `extra_data` datasets, mixer.data) with the
+    search `search_mode` (mixer.blendsearch); write `run_dir` (config.json, weights.md) when given."""
+    check_search(objective, search_mode, "band-blend")
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=False)
+    search_modes([len(p) for p in source_models(spec)], step, search_mode, "band-blend")
     info = store.dataset_info(dataset_id)
     rate = int(info.get("sample_rate", 44100))
     bins, hz = band_edges(bands, scale, rate)
@@ -309,14 +362,15 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
     pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
              for d, t in progress_bar(tracks, desc="band signals", unit="track", disable=not progress))
     stats = collect_band_stats(pairs, spec, bins, rate)
-    found = search_bands(stats, bands, step, objective)
+    found = search_bands(stats, bands, step, objective, search_mode)
 
     table = source_models(spec)
     weights = {t: {spec.model_keys[m]: [round(float(v), 6) for v in found.weights[j][:, i]]
                    for i, (m, _) in enumerate(table[j])} for j, t in enumerate(spec.targets)}
     config = run_config(
-        METHOD, spec, dataset_id, BandBlendOptions(step=step, objective=objective, split=split, bands=bands,
-                                                 band_scale=scale, extra_data=tuple(extra_data)),
+        METHOD, spec, dataset_id, BandBlendOptions(step=step, objective=objective, split=split, search=search_mode,
+                                                 bands=bands, band_scale=scale,
+                                                 extra_data=tuple(extra_data)),
         rate=rate, split=split, step=step, objective=objective, frame=rate,
         bands={"count": bands, "scale": scale, "bins": [int(b) for b in bins],
                "edges_hz": [round(float(h), 1) for h in hz]},
@@ -331,7 +385,8 @@ def search_band_blend(store: StemStore, dataset_id: str, models: list[str], *, b
                                     for m, k in enumerate(spec.model_keys)},
                   "tracks": describe_tracks(tracks, dataset_id)},
         search={"rounds": found.rounds, "sweeps": found.sweeps, "points": found.points,
-                "converged": found.converged})
+                "converged": found.converged,
+                "modes": {t: found.modes[j] for j, t in enumerate(spec.targets)}})
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_json_atomic(run_dir / "config.json", config)
@@ -356,7 +411,8 @@ def _fit(r: FitRequest) -> dict:
     o = r.options
     return search_band_blend(r.store, r.dataset_id, r.models, bands=o.bands, scale=o.band_scale,
                              step=o.step, objective=o.objective, split=o.split,
-                             run_dir=r.run_dir, progress=r.progress, extra_data=o.extra_data)
+                             search_mode=o.search, run_dir=r.run_dir, progress=r.progress,
+                             extra_data=o.extra_data)
 
 
 RECORD = Method(

@@ -6,9 +6,11 @@ whose addition scores best, while the gain exceeds `min_gain` dB; optionally it 
 one at a time, any model whose removal costs at most `min_gain`. The score of a set is the mean
 over the dataset's sources of
 
-* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blend's exact search,
-  from one pass of per-frame inner products over all candidates; a set in which no model
-  outputs some source is not a system and is never chosen);
+* --by blend: the objective of the best Danna-Sep blend of the set (mixer.blendsearch's search, in
+  its `search_mode`, the blend's option `search` (`--search`): the exhaustive grid while it is
+  small, else the local search, so pools of 20 and more stay affordable; from one pass of
+  per-frame inner products over all candidates; a set in which no model outputs some source is
+  not a system and is never chosen);
 * --by conv1x1: the objective of the conv1x1 mixer over the set (inputs: the mixture and every
   output of the set's models, normalised per track as mixer.inputs does), its matrix fitted in
   closed form by least squares on the same split, i.e. the conv1x1 trained to convergence under
@@ -28,6 +30,7 @@ The chosen list is written as JSON (the selection file), which experiment files 
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,14 +40,8 @@ import numpy as np
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
-from mixer.blend import (
-    OBJECTIVES,
-    collect_stats,
-    frame_blocks,
-    grams,
-    nanmedian_rows,
-    search,
-)
+from mixer.blend import collect_stats, frame_blocks, grams
+from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
 from mixer.data import fitting_tracks
 from mixer.inputs import (
     InputSpec,
@@ -56,20 +53,21 @@ from mixer.inputs import (
 
 BY = ("blend", "conv1x1")
 ROW_FRAMES = 64          # rows x frames of float64 formed at once (memory on long tracks)
+SCORE_FRAMES = 1024      # frames scored at once: the temporaries stay a few MiB at any length
 
 
 # ---- scores of a set of models ---------------------------------------------------------------
 class BlendScore:
     """Mean over sources of the best blend's objective for a set of model indices."""
 
-    def __init__(self, stats, step: float, objective: str):
-        self.stats, self.step, self.objective = stats, step, objective
+    def __init__(self, stats, step: float, objective: str, search_mode: str = "auto"):
+        self.stats, self.step, self.objective, self.search_mode = stats, step, objective, search_mode
 
     def __call__(self, models: list[int]) -> float:
         sub = [st.restricted(models) for st in self.stats]
         if any(st is None for st in sub):
             return -np.inf
-        return float(np.mean(search(sub, self.step, self.objective).best))
+        return float(np.mean(search(sub, self.step, self.objective, self.search_mode).best))
 
 
 @dataclass
@@ -93,7 +91,11 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
     """tracks: TrackEntry of `dataset_id`, or (dataset id, TrackEntry) pairs (mixer.data)."""
     C, O = spec.in_channels, spec.out_channels
     per_block = max(1, ROW_FRAMES // (C + O))
-    acc = {k: [] for k in ("G", "scale", "rr", "ref_silent", "zero", "track", "full")}
+    acc = {k: [] for k in ("scale", "rr", "ref_silent", "zero", "track", "full")}
+    # The Gram matrices are the bulk ((C + O)^2 float64 per frame, growing with the training audio):
+    # they go to an unlinked temporary file, read back as a memory map, whose pages the kernel
+    # may evict, instead of anonymous memory that every remix would add to.
+    spill, frames = tempfile.TemporaryFile(prefix="conv1x1-grams-"), 0
     for t, item in enumerate(progress_bar(tracks, desc="conv1x1 statistics", unit="track",
                                           disable=not progress)):
         ds, track = item if isinstance(item, tuple) else (dataset_id, item)
@@ -111,7 +113,8 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             y = normalise(assemble_targets(refs, start, stop), stats)
             z = np.concatenate([x, y]).astype(np.float64).reshape(C + O, count, length).transpose(1, 0, 2)
             ref = np.asarray(refs[:, :, start:stop], dtype=np.float64).reshape(-1, 2, count, length)
-            acc["G"].append(grams(z))
+            grams(z).tofile(spill)
+            frames += count
             acc["zero"].append(zero)
             acc["rr"].append(np.square(ref).sum(axis=(1, 3)).T)
             acc["ref_silent"].append(~np.any(ref[:, 0] + ref[:, 1] != 0, axis=-1).T)
@@ -120,7 +123,11 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             acc["full"].append(np.full(count, full))
     first = 2 * spec.with_mixture + np.cumsum([0] + [2 * len(s) for s in spec.model_sources])
     channels = [list(range(first[m], first[m + 1])) for m in range(len(spec.model_keys))]
-    return Conv1x1Stats(**{k: np.concatenate(v) for k, v in acc.items()}, channels=channels,
+    spill.flush()
+    shape = (frames, C + O, C + O)
+    G = np.memmap(spill, dtype=np.float64, mode="r", shape=shape) if frames else np.zeros(shape)
+    spill.close()   # the map keeps its own reference to the file
+    return Conv1x1Stats(G=G, **{k: np.concatenate(v) for k, v in acc.items()}, channels=channels,
                         n_inputs=C)
 
 
@@ -129,22 +136,30 @@ class Conv1x1Score:
 
     def __init__(self, stats: Conv1x1Stats, objective: str, with_mixture: bool = True):
         self.st, self.objective, self.with_mixture = stats, objective, with_mixture
+        G = stats.G
+        self.total = sum((G[a:a + SCORE_FRAMES].sum(0) for a in range(0, len(G), SCORE_FRAMES)),
+                         np.zeros(G.shape[1:]))     # every sample's Gram matrix: what W fits
 
     def fit(self, models: list[int]) -> tuple[list[int], np.ndarray]:
         """(input rows, W [rows, O]) minimising the squared error over every sample of the split."""
         st = self.st
         rows = [0, 1] * self.with_mixture + [c for m in models for c in st.channels[m]]
         ys = list(range(st.n_inputs, st.G.shape[1]))
-        A, B = st.G[:, rows][:, :, rows].sum(0), st.G[:, rows][:, :, ys].sum(0)
+        A, B = self.total[np.ix_(rows, rows)], self.total[np.ix_(rows, ys)]
         return rows, np.linalg.lstsq(A, B, rcond=None)[0]   # min-norm when rows are collinear
 
     def __call__(self, models: list[int]) -> float:
         st = self.st
         rows, W = self.fit(models)
         ys = list(range(st.n_inputs, st.G.shape[1]))
-        gxx, gxy = st.G[:, rows][:, :, rows], st.G[:, rows][:, :, ys]
-        gyy = np.einsum("foo->fo", st.G[:, ys][:, :, ys])
-        err = gyy - 2 * np.einsum("fco,co->fo", gxy, W) + np.einsum("co,fcd,do->fo", W, gxx, W)
+
+        def residual(G):   # [f, O]: |y - W x|^2 per frame and output channel, normalised units
+            gxx, gxy = G[:, rows][:, :, rows], G[:, rows][:, :, ys]
+            gyy = np.einsum("foo->fo", G[:, ys][:, :, ys])
+            return gyy - 2 * np.einsum("fco,co->fo", gxy, W) + np.einsum("co,fcd,do->fo", W, gxx, W)
+
+        err = np.concatenate([residual(st.G[a:a + SCORE_FRAMES])
+                              for a in range(0, len(st.G), SCORE_FRAMES)] or [np.zeros((0, len(ys)))])
         err = np.maximum(st.scale[:, None] * (err[:, 0::2] + err[:, 1::2]), 0.0)   # [F, S]
         if self.objective == "usdr":
             tracks = np.unique(st.track)
@@ -208,19 +223,23 @@ def greedy(n_models: int, score: Callable[[list[int]], float], min_gain: float,
 
 def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: str = "blend",
                   split: str = "select", objective: str = "museval", step: float = 0.1,
-                  min_gain: float = 0.01, backward: bool = False, out: str | Path | None = None,
-                  progress: bool = True, log=print, extra_data: Sequence[str] = ()) -> dict:
-    """Choose among `models` on `split` (and the `extra_data` datasets, mixer.data); write the
-    selection file to `out` when given."""
+                  min_gain: float = 0.01, backward: bool = False, search_mode: str = "auto",
+                  out: str | Path | None = None, progress: bool = True, log=print,
+                  extra_data: Sequence[str] = ()) -> dict:
+    """Choose among `models` on `split` (and the `extra_data` datasets, mixer.data), scoring
+    blends with the search `search_mode` (mixer.blendsearch); write the selection file to `out`
+    when given."""
     if by not in BY:
         raise PipelineError(f"select-models --by {by}: choose one of {', '.join(BY)}")
-    if objective not in OBJECTIVES:
-        raise PipelineError(f"select-models objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
+    check_search(objective, search_mode, "select-models")
     if len(models) < 2:
         raise PipelineError("select-models: give at least two candidate models (-m A -m B ...)")
     spec = InputSpec.from_store(store, dataset_id, models, with_mixture=by == "conv1x1")
     if len(set(spec.model_keys)) != len(spec.model_keys):
         raise PipelineError("select-models: a model is named twice among the candidates")
+    if by == "blend":   # the largest set's grid: a refused exhaustive search fails before any work
+        search_modes([sum(t in s for s in spec.model_sources) for t in spec.targets], step,
+                     search_mode, "select-models")
     tracks = fitting_tracks(store, dataset_id, split, extra_data, spec.model_keys)
     if not tracks:
         raise PipelineError(f"{store.dataset_dir(dataset_id)}: no '{split}' tracks to select on")
@@ -229,7 +248,7 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
         pairs = ((store.references(d, t), [store.stems(k, d, t) for k in spec.model_keys])
                  for d, t in progress_bar(tracks, desc="blend statistics", unit="track",
                                           disable=not progress))
-        score = BlendScore(collect_stats(pairs, spec, win), step, objective)
+        score = BlendScore(collect_stats(pairs, spec, win), step, objective, search_mode)
     else:
         score = Conv1x1Score(collect_conv1x1_stats(store, dataset_id, spec, tracks, win, progress),
                              objective)
@@ -245,8 +264,9 @@ def select_models(store: StemStore, dataset_id: str, models: list[str], *, by: s
         log(f"  stop: adding {names[stopped['model']]} would gain {stopped['gain']:+.3f} dB "
             f"(<= {min_gain})")
     result = {"by": by, "dataset": dataset_id, "split": split, "extra_data": list(extra_data),
-              "objective": objective,
-              "step": step if by == "blend" else None, "min_gain": min_gain, "backward": backward,
+              "objective": objective, "step": step if by == "blend" else None,
+              "search": search_mode if by == "blend" else None,
+              "min_gain": min_gain, "backward": backward,
               "candidates": [{"key": k, "name": n} for k, n in zip(spec.model_keys, names)],
               "models": [{"key": spec.model_keys[m], "name": names[m]} for m in chosen],
               "score": path[-1].score,

@@ -58,12 +58,13 @@ def _help(spec: opts.Spec, defaults: dict, owners: list[str]) -> str:
     return f"{text[:1].upper()}{text[1:]}" + (f" ({default})." if default else ".")
 
 
-def record_options(owners: list[tuple[str, type | None]]) -> list[inspect.Parameter]:
-    """One command-line option per option the records declare (their union)."""
+def record_options(owners: list[tuple[str, type | None]],
+                   only: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """One command-line option per option the records declare (their union; `only`: just these)."""
     names = [o for o, _ in owners]
     params = []
     for spec, defaults in opts.union(owners):
-        if not spec.cli:
+        if not spec.cli or (only is not None and spec.name not in only):
             continue
         flag = spec.flag if spec.flags else "--" + spec.name.replace("_", "-")
         if spec.kind is bool and "/" not in flag:
@@ -325,12 +326,15 @@ def select_models_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing selection file."),
     extra_data: List[str] = typer.Option([], "--extra-data", help="More data to score the sets on, DATASET[:SPLIT] each (a store id or dataset folder; SPLIT default train), e.g. remixes (`pipeline remix`). Repeatable."),
     work: Optional[Path] = WorkOpt,
+    **options,
 ):
     """Choose base models by greedy forward selection on the selection split; write the list."""
+    given = {k: v for k, v in options.items() if v is not None}   # --search: the blend's option
     result = stages.select_models(model, dataset, by=by, split=split, objective=objective,
                                   step=step, min_gain=min_gain, backward=backward, name=name,
                                   out=out, force=force, extra_data=extra_data, work=work,
-                                  log=lambda line: console.print(line, markup=False, highlight=False))
+                                  log=lambda line: console.print(line, markup=False, highlight=False),
+                                  **given)
     path = result["file"]
     console.print(f"chose {', '.join(m['name'] for m in result['models'])} "
                   f"({objective} SDR {result['score']:.3f} dB); written to {path}\n"
@@ -438,7 +442,9 @@ def build_app() -> typer.Typer:
                                    f"{trainable}.")(train_base_cmd)
     app.command("blend", help=blend.__doc__ + _listing(fixed, "Methods (--method)"))(
         with_record_options(blend, record_options([(m.name, m.options) for m in fixed])))
-    app.command("select-models")(select_models_cmd)
+    blend_record = methods.get("blend")
+    app.command("select-models")(with_record_options(
+        select_models_cmd, record_options([("--by blend", blend_record.options)], only=("search",))))
     app.command("train-mixer", help=train_mixer_cmd.__doc__ + _listing(
         [ARCHS.get(m.name) for m in learned], "Architectures (--arch)"))(
         with_record_options(train_mixer_cmd, record_options([(m.name, m.options) for m in learned])))

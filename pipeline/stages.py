@@ -151,8 +151,8 @@ def train_base(family: str, dataset: str = SYNTHETIC, *, name: str | None = None
                folds: int | None = None, work: str | Path | None = None, progress: bool = True,
                command: str | None = None):
     """Train a base separator of one family; the model lands in RUN/model/."""
-    from separators.train_base import family_of
     from separators.crossfit import train
+    from separators.train_base import family_of
 
     w = work_dir(work)
     family_of(family)   # a typo fails before the dataset is ingested
@@ -193,18 +193,23 @@ def select_models(models: Sequence[str], dataset: str = SYNTHETIC, *, by: str = 
                   split: str = "select", objective: str = "museval", step: float = 0.1,
                   min_gain: float = 0.01, backward: bool = False, name: str | None = None,
                   out: str | Path | None = None, force: bool = False,
-                  extra_data: Sequence[str] = (), work: str | Path | None = None,
-                  log: Log = _quiet) -> dict:
-    """Greedy forward selection of base models on the selection split; writes the selection file."""
+                  extra_data: Sequence[str] = (), search: str = "auto",
+                  work: str | Path | None = None, log: Log = _quiet) -> dict:
+    """Greedy forward selection of base models on the selection split; writes the selection file.
+    search: how each set's blend is searched (--by blend; the blend's `search` option)."""
+    from core import options as opts
+    from mixer.blend import BlendOptions
     from mixer.select import select_models as select
 
+    opts.build(BlendOptions, {"search": search}, "select-models")   # checked as the blend checks it
     w = work_dir(work)
     path = Path(out) if out else w / "selections" / f"{check_name(name or by, '--name')}.json"
     if path.exists() and not force:
         raise PipelineError(f"{path}: selection file exists; pass --force to overwrite or choose another --name")
     result = select(StemStore(store_dir(w)), store_dataset_id(dataset, w), list(models), by=by,
                     split=split, objective=objective, step=step, min_gain=min_gain,
-                    backward=backward, out=path, log=log, extra_data=list(extra_data))
+                    backward=backward, search_mode=search, out=path, log=log,
+                    extra_data=list(extra_data))
     return {**result, "file": str(path)}
 
 

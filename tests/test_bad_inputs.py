@@ -137,6 +137,18 @@ def test_debug_shows_the_traceback_and_help_is_untouched(env, capsys):
     assert code == 0 and "Usage: pipeline blend" in out and "--step" in out and not err
 
 
+def test_a_bad_search_mode_is_one_line(env, capsys):
+    """--search is the blend record's option: blend, band-blend and select-models check it alike."""
+    w = env["work"]
+    for command in (["blend"], ["blend", "--method", "band-blend"], ["select-models"]):
+        code, _, err = run_cli([*command, "-m", "m0", "-m", "m1", "-d", "toy", "--search", "fast",
+                                "--work", w], capsys)
+        assert_one_error_line(code, err, "search 'fast': choose one of auto, exhaustive, local")
+    for command in ("blend", "select-models"):
+        code, out, _ = run_cli([command, "--help"], capsys)
+        assert code == 0 and "--search" in out, command
+
+
 # ---- item 1: model files that are not models ---------------------------------------------------
 def _bad_model_files(root):
     """(spec to load, file the error must name) for damaged / foreign files of every format."""

@@ -82,6 +82,13 @@ def test_bad_experiment_files(tmp_path):
     bad.write_text("name = [")
     with pytest.raises(PipelineError, match="not a valid experiment file"):
         load_experiment(bad)
+    # the blend's `search` option is an experiment key, checked against its choices
+    bad.write_text(TINY.replace("step = 0.1", 'step = 0.1\nsearch = "local"'))
+    assert next(s for s in load_experiment(bad)["systems"] if s["name"] == "blend")["search"] == "local"
+    bad.write_text(TINY.replace("step = 0.1", 'step = 0.1\nsearch = "fast"'))
+    with pytest.raises(PipelineError, match="search 'fast': choose one of auto, exhaustive, local") as e:
+        load_experiment(bad)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not all((REPO / "separators" / "checkpoints" / n).is_dir() for n in SHIPPED),
