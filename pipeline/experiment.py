@@ -226,10 +226,14 @@ def _options_of(system: dict, specs) -> dict:
     return {x.experiment_key: system[x.experiment_key] for x in specs if x.experiment_key in system}
 
 
-def _model_ref(ref: str, keys: dict[str, list[str]]) -> list[str]:
+def _model_ref(ref: str, keys: dict[str, list[str] | None]) -> list[str]:
     if ref not in keys:
         raise PipelineError(f"system refers to model '{ref}', which is not among the experiment's "
-                            f"models ({', '.join(keys)})")
+                            f"models ({', '.join(k for k, v in keys.items() if v)})")
+    if keys[ref] is None:
+        raise PipelineError(f"system refers to model '{ref}', which several [[models]] entries "
+                            f"share (the same spec with other options); give each a 'name' and "
+                            f"refer to that")
     return keys[ref]
 
 
@@ -306,27 +310,31 @@ def remix_models(config: dict, remixes: dict) -> dict[str, list[int]]:
     """{remix name: the [[models]] entries (indices) some system fits on it}: a model is cached
     on a remix only when a system needs it there."""
     wanted: dict[str, set[int]] = {name: set() for name in remixes}
-    refs = {}
+    refs: dict[str, set[int]] = {}   # a spec two entries share: both (cached, not chosen)
     for i, m in enumerate(config["models"]):
         for ref in (m.get("spec"), m.get("trained"), m.get("name")):
             if ref:
-                refs[ref] = i
+                refs.setdefault(ref, set()).add(i)
     for s in config.get("systems", []):
-        chosen = ([refs[r] for r in s["models"] if r in refs] if "models" in s
-                  else list(range(len(config["models"]))))
+        chosen = (set().union(*(refs[r] for r in s["models"] if r in refs)) if "models" in s
+                  else set(range(len(config["models"]))))
         for name in s.get("extra_data", []):
             wanted[name] |= set(chosen)
     return {name: sorted(v) for name, v in wanted.items()}
 
 
 def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, splits, device: str,
-                progress: bool, log, only: list[int] | None = None) -> dict[str, list[str]]:
-    """Cache every [[models]] entry (only: those of these indices) on `splits` (None: all);
-    {its spec, name or trained name, and each model's own name: the store keys} (an entry under
-    `tta_members` is several models)."""
+                progress: bool, log, only: list[int] | None = None
+                ) -> tuple[dict[str, list[str] | None], list[str]]:
+    """Cache every [[models]] entry (only: those of these indices) on `splits` (None: all).
+    Returns ({its spec, name or trained name, and each model's own name: the store keys}, every
+    entry's keys in order): an entry under `tta_members` is several models. A spec two entries
+    share (a model with and without `tta`) names the model whose own name it is (the plain
+    one), else no model (None)."""
     from cache.run import cache_spec
 
-    keys: dict[str, list[str]] = {}
+    keys: dict[str, list[str] | None] = {}
+    shared, own, ordered = set(), {}, []
     for i, m in enumerate(config["models"]):
         if only is not None and i not in only:
             continue
@@ -334,14 +342,22 @@ def cache_stage(config: dict, store, dataset, trained: dict[str, Path], *, split
         spec = str(trained[m["trained"]]) if "trained" in m else m["spec"]
         cached = cache_spec(store, dataset, spec, device=device, offline=config.get("offline", True),
                             repo=m.get("repo"), options=options, splits=splits, progress=progress)
+        mine = [s["key"] for s in cached]
+        ordered += mine
         for ref in (m.get("spec"), m.get("trained"), m.get("name")):
             if ref:
-                keys[ref] = [s["key"] for s in cached]
+                if keys.get(ref, mine) != mine:
+                    shared.add(ref)
+                keys.setdefault(ref, mine)
         for s in cached:
-            keys.setdefault(s["name"], [s["key"]])
+            own.setdefault(s["name"], [s["key"]])
             log(f"[cache] {s['name']}{'' if only is None else ' on ' + dataset.root.name}: "
                 f"{s['computed']} tracks separated, {s['skipped']} cached ({s['seconds']:.1f} s)")
-    return keys
+    for ref in shared:
+        keys[ref] = own.get(ref)
+    for name, k in own.items():
+        keys.setdefault(name, k)
+    return keys, list(dict.fromkeys(ordered))
 
 
 def _cache_phases(config: dict, evaluated: str) -> tuple[list[str] | None, list[str]]:
@@ -393,13 +409,11 @@ def run_experiment(config: dict, work: Path, *, device: str | None = None, progr
     split = ev.get("split", "test")
     before, after = _cache_phases(config, split)
     remixes = remix_stages(config, store, dataset.id, work, progress=progress, log=log)
-    keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
-                       progress=progress, log=log)
+    keys, all_keys = cache_stage(config, store, dataset, trained, splits=before, device=device,
+                                 progress=progress, log=log)
     for rname, needed in remix_models(config, remixes).items():
         cache_stage(config, store, remixes[rname], trained, splits=None, device=device,
                     progress=progress, log=log, only=needed)
-    all_keys = list(dict.fromkeys(k for m in config["models"]
-                                  for k in keys[m.get("spec") or m["trained"]]))
 
     runs = []
     for system in config.get("systems", []):

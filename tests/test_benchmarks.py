@@ -32,3 +32,39 @@ def test_every_stated_goal_is_checked():
         assert not re.search(r"""['"](PASS|FAIL|below goal|over goal)['"]""", text), path.name
     assert {"bench_cache.py", "bench_ensembles.py", "bench_mixer.py", "bench_sdr.py",
             "bench_fast_paths.py"} <= set(stated)
+
+
+def test_upstream_and_tta_scripts_parse_their_arguments():
+    """bench_upstream.py / bench_tta_consistency.py start (imports, argument parsing) without
+    running anything; their runtime is not tested here."""
+    for name in ("bench_upstream.py", "bench_tta_consistency.py"):
+        run = subprocess.run([sys.executable, str(BENCHMARKS / name), "--help"],
+                             capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 0 and "usage:" in run.stdout, run.stderr
+
+
+def test_tta_experiments_pair_every_member_and_system():
+    """The shipped TTA / consistency experiments load, every TTA member has exactly one plain
+    twin and every system with consistency one twin without; nothing is fitted on the
+    evaluation split, so the cost is timed on the tracks the experiment separates anyway."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_tta_consistency import cost_splits, member_pairs, system_pairs
+
+    from pipeline.experiment import load_experiment
+
+    for name, evaluated, members in (("demo-tta.toml", "test", 3), ("musdb18-7-tta.toml", "valid", 3)):
+        config = load_experiment(BENCHMARKS / "configs" / name)
+        assert config["evaluate"]["split"] == evaluated and config["cache_splits"] == [evaluated]
+        pairs = member_pairs(config)
+        assert len(pairs) == members and all(not p.get("tta") and m["tta"] == "flip,polarity"
+                                             for p, m in pairs)
+        with_consistency = [s for s in config["systems"] if s.get("consistency")]
+        assert len(system_pairs(config)) == len(with_consistency) == 16
+        assert cost_splits(config) == [evaluated]
+    fitted = {"cache_splits": ["test"], "evaluate": {"split": "test"},
+              "systems": [{"name": "b", "method": "blend"}]}
+    import pytest
+
+    with pytest.raises(SystemExit, match="fit"):
+        cost_splits(fitted)
+    assert cost_splits({"evaluate": {"split": "valid"}}) == ["train", "test"]

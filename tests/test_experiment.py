@@ -114,3 +114,37 @@ def test_run_end_to_end_then_reuse(tmp_path, capsys):
     assert "0 tracks separated" in err
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # nothing recomputed
     assert (report / "summary.md").read_text() == summary
+
+
+def test_one_spec_with_and_without_tta_gives_two_members(monkeypatch):
+    """Two [[models]] entries of the same spec, one with `tta`: both are members, the spec names
+    the plain one (its own name), the TTA one is named by its own name or the entry's `name`."""
+    import cache.run
+    from pipeline.experiment import _system_models, cache_stage
+
+    def fake_cache_spec(store, dataset, spec, options=None, **_):
+        tta = (options or {}).get("tta")
+        name = f"{spec}+tta" if tta else spec
+        return [{"key": f"{name}-key", "name": name, "computed": 0, "skipped": 1, "seconds": 0.0}]
+
+    monkeypatch.setattr(cache.run, "cache_spec", fake_cache_spec)
+    config = {"models": [{"spec": "umx-synth"}, {"spec": "umx-synth", "tta": "flip,polarity"},
+                         {"spec": "demucs-synth", "name": "hd", "tta": "flip"},
+                         {"spec": "demucs-synth", "name": "hd-plain"}]}
+    keys, all_keys = cache_stage(config, None, None, {}, splits=None, device="cpu",
+                                 progress=False, log=lambda *_: None)
+    assert all_keys == ["umx-synth-key", "umx-synth+tta-key", "demucs-synth+tta-key",
+                        "demucs-synth-key"]
+    assert keys["umx-synth"] == ["umx-synth-key"] and keys["umx-synth+tta"] == ["umx-synth+tta-key"]
+    assert keys["hd"] == ["demucs-synth+tta-key"] and keys["demucs-synth"] == ["demucs-synth-key"]
+    assert _system_models({"models": ["umx-synth+tta", "hd-plain"]}, keys, all_keys) == \
+        ["umx-synth+tta-key", "demucs-synth-key"]
+    assert _system_models({}, keys, all_keys) == all_keys
+    config["models"] = [{"spec": "a.th", "niter": 0}, {"spec": "a.th", "niter": 1}]
+    monkeypatch.setattr(cache.run, "cache_spec", lambda store, dataset, spec, options=None, **_: [
+        {"key": f"k{options['niter']}", "name": f"m{options['niter']}", "computed": 0,
+         "skipped": 1, "seconds": 0.0}])
+    keys, _ = cache_stage(config, None, None, {}, splits=None, device="cpu", progress=False,
+                          log=lambda *_: None)
+    with pytest.raises(PipelineError, match="several \\[\\[models\\]\\] entries share"):
+        _system_models({"models": ["a.th"]}, keys, ["k0", "k1"])

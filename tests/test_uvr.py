@@ -6,7 +6,6 @@ audio-separator runs it from a local model_file_dir with the network blocked (wh
 says about offline use), and writes float WAVs; our stems equal them to 1e-5 (tolerance: float32
 STFT/ONNX/ISTFT rounding, the same operations in another order).
 """
-import json
 import logging
 
 import numpy as np
@@ -15,7 +14,7 @@ import soundfile as sf
 import torch
 
 from core.errors import PipelineError
-from separators.families.uvr import uvr_hash
+from separators.families.uvr import write_offline_tables
 from separators.inference import separate_array
 from separators.registry import load_separator
 
@@ -38,14 +37,7 @@ def mdx_dir(tmp_path_factory):
     path = folder / "UVR-MDX-NET-Tiny.onnx"
     torch.onnx.export(net, torch.zeros(1, 4, DIM_F, DIM_T), str(path), input_names=["input"],
                       output_names=["output"], dynamo=False)
-    key = uvr_hash(path)
-    (folder / "mdx_model_data.json").write_text(json.dumps({key: DATA}))
-    (folder / "vr_model_data.json").write_text("{}")
-    lists = {k: {} for k in ("vr_download_list", "mdx_download_vip_list", "demucs_download_list",
-                             "mdx23c_download_list", "mdx23c_download_vip_list",
-                             "roformer_download_list")}
-    lists["mdx_download_list"] = {"MDX-Net Model: Tiny": path.name}
-    (folder / "download_checks.json").write_text(json.dumps(lists))
+    write_offline_tables(path, DATA, "Tiny")
     return folder, path
 
 

@@ -66,6 +66,21 @@ def uvr_hash(path: Path) -> str:
         return hashlib.md5(f.read()).hexdigest()
 
 
+def write_offline_tables(model: Path, data: dict, label: str) -> None:
+    """Next to an MDX-Net `.onnx`, the three JSON files audio-separator downloads on its first
+    online run (its parameters `data` under UVR's hash, in mdx_model_data.json; the model listed
+    as "MDX-Net Model: <label>" in download_checks.json; an empty vr_model_data.json): with them
+    its `model_file_dir` runs offline, and ours reads the parameters from the same table."""
+    folder = model.parent
+    (folder / "mdx_model_data.json").write_text(json.dumps({uvr_hash(model): data}))
+    (folder / "vr_model_data.json").write_text("{}")
+    lists = {k: {} for k in ("vr_download_list", "mdx_download_vip_list", "demucs_download_list",
+                             "mdx23c_download_list", "mdx23c_download_vip_list",
+                             "roformer_download_list")}
+    lists["mdx_download_list"] = {f"MDX-Net Model: {label}": model.name}
+    (folder / "download_checks.json").write_text(json.dumps(lists))
+
+
 def _data_files(model: Path) -> list[Path]:
     here = [model.parent / n for n in DATA_FILES] + [model.parent / "model_data" / n for n in DATA_FILES]
     try:
