@@ -249,8 +249,20 @@ def peak_limited(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(1.0, np.abs(x).max(axis=(1, 2), keepdims=True))
 
 
+def unlimit_gains(stored: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """[S, 1, 1] the gain upstream's peak scaling took from each of its stems, by least squares
+    against our stored stems (1 where upstream's stem peaks below 1.0: nothing was scaled). Our
+    float16 stems are the unscaled stems rounded; scaling *them* by their rounded peak would move
+    every sample by up to half a float16 step of the peak, which is not a difference of stems."""
+    num = (stored * want).sum(axis=(1, 2), dtype=np.float64)
+    den = np.square(want).sum(axis=(1, 2), dtype=np.float64)
+    gain = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+    scaled = np.abs(want).max(axis=(1, 2)) >= 1.0 - 1e-6
+    return np.where(scaled, gain, 1.0).astype(np.float32)[:, None, None]
+
+
 def compare(label: str, variants: dict, pairs: list, dataset, store, wavs: dict, rounds: int,
-            tta_rounds: int, report: dict, limit=lambda x: x):
+            tta_rounds: int, report: dict, limit=None):
     """variants: name -> (kind "ours"/"upstream", callable or separator); pairs: (ours variant,
     upstream variant or None, what) compared for time and stems; limit: what upstream does to
     stems before it returns them, applied to ours before comparing."""
@@ -269,7 +281,8 @@ def compare(label: str, variants: dict, pairs: list, dataset, store, wavs: dict,
         outs[name] = (separate_array(obj, mix, RATE) if kind == "ours" else obj(wavs[first.name]))
     for a, b, _ in pairs:
         if b is not None:
-            equal[(a, b)] = {"float32_max_abs": float(np.abs(limit(outs[a]) - outs[b]).max()),
+            ours = outs[a] if limit is None else limit(outs[a])
+            equal[(a, b)] = {"float32_max_abs": float(np.abs(ours - outs[b]).max()),
                              "scaled_stems": int((np.abs(outs[a]).max(axis=(1, 2)) > 1).sum()),
                              "peak": float(np.abs(outs[b]).max())}
     times = {name: [] for name in variants}
@@ -299,8 +312,11 @@ def compare(label: str, variants: dict, pairs: list, dataset, store, wavs: dict,
         key = store_key(variants[a][1])
         for t in tracks:
             if (b, t.name) in upstream_last:
-                stored = limit(np.asarray(store.stems(key, dataset.id, entry_of(t))))
-                worst = max(worst, f16_ok(stored, upstream_last[(b, t.name)]))
+                stored = np.asarray(store.stems(key, dataset.id, entry_of(t))).astype(np.float32)
+                want = upstream_last[(b, t.name)]
+                if limit is not None:   # undo upstream's peak scaling, not scale our rounded stems
+                    want = want * unlimit_gains(stored, want)
+                worst = max(worst, f16_ok(stored, want))
         equal[(a, b)]["float16_steps"] = worst
     # ratios over the same (round, track) cells
     print(f"\n{label}: wall / CPU seconds per variant (sum over the cells both ran)")
