@@ -20,8 +20,8 @@ from cache.run import cache_spec, ingest_dataset
 from core.errors import PipelineError
 from core.store import StemStore
 from separators.base import model_key
-from separators.registry import load_separator
 from separators.crossfit import train
+from separators.registry import load_separator
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(seed=2, epochs=2, select_split="select", progress=False, device="cpu")
