@@ -70,7 +70,9 @@ def _folds(store: StemStore, folds_of: str | None, dataset_id: str,
     if found != dataset_id:
         raise PipelineError(f"--folds-of {folds_of}: its folds are tracks of dataset {found}, "
                             f"not of {dataset_id}")
-    out = [[n for n in names if n in split_names] for names in lists]
+    # sorted: the draw must not depend on the order a list was recorded in (crossfit.json and
+    # the fallback above list the same tracks in different orders)
+    out = [sorted(n for n in names if n in split_names) for names in lists]
     empty = [str(k) for k, names in enumerate(out, 1) if not names]
     if empty:
         raise PipelineError(f"--folds-of {folds_of}: fold(s) {', '.join(empty)} have no track in "

@@ -151,6 +151,23 @@ def test_remixes_of_one_fold_are_separated_by_that_folds_model(crossfit, tmp_pat
         expected = _separate(folds[k], store, out.id, track)
         np.testing.assert_allclose(cached, expected.astype(np.float16).astype(np.float32),
                                    atol=2e-3 * np.abs(expected).max())
+    # the same remixes whatever order the folds' tracks were recorded in, and while the fold
+    # models still train (no crossfit.json yet: the folds come from the fold runs)
+    import shutil
+    for k, edit in enumerate(("reverse", "unlink")):
+        early = tmp_path / f"run-{edit}"
+        shutil.copytree(result.run_dir, early)
+        description = early / "model" / "crossfit.json"
+        if edit == "reverse":
+            d = json.loads(description.read_text())
+            for f in d["fold_models"]:
+                f["held_out"].reverse()
+            description.write_text(json.dumps(d))
+        else:
+            description.unlink()
+        again = remix(store, RemixParams(ds.id, "train", n=4, seed=1, duration=1.0, gain_db=3.0,
+                                         folds_of=str(early)), tmp_path / f"again-{k}", progress=False)
+        assert again["remixes"] == manifest["remixes"]
     # without --folds-of a remix mixes the folds, and the cross-fitted model refuses it
     mixed = remix(store, RemixParams(ds.id, "fit", n=6, seed=0, duration=1.0, gain_db=3.0),
                   tmp_path / "mixed", progress=False)
