@@ -68,3 +68,23 @@ def test_tta_experiments_pair_every_member_and_system():
     with pytest.raises(SystemExit, match="fit"):
         cost_splits(fitted)
     assert cost_splits({"evaluate": {"split": "valid"}}) == ["train", "test"]
+
+
+def test_the_mixing_ceiling_recovers_known_weights():
+    """benchmarks/mixing_ceiling.py's oracle: a reference that IS a mix of the members comes
+    back exactly, and one whose weights change from segment to segment comes back only from the
+    per-segment fit, not from the static one."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from mixing_ceiling import least_squares_mix
+
+    rng = np.random.default_rng(0)
+    members = rng.standard_normal((3, 2, 2000)).astype(np.float32)
+    ref = np.tensordot(np.array([0.3, 0.7, -0.2]), members, axes=1).astype(np.float32)
+    np.testing.assert_allclose(least_squares_mix(members, ref), ref, atol=1e-5)
+    switching = np.concatenate([members[0, :, :1000], members[1, :, 1000:]], axis=-1)
+    per_segment = np.concatenate([least_squares_mix(members[..., a:a + 1000], switching[:, a:a + 1000])
+                                  for a in (0, 1000)], axis=-1)
+    np.testing.assert_allclose(per_segment, switching, atol=1e-5)
+    assert np.abs(least_squares_mix(members, switching) - switching).max() > 0.1
