@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_cache import peak_mib  # noqa: E402  (VmHWM: ru_maxrss would include the parent's RSS at the fork)
 from blend_pool import POOL, build_pool, label  # noqa: E402
 from goals import check, finish  # noqa: E402
 
@@ -48,12 +48,6 @@ REAL_GAP = 0.05
 
 
 # ---- children: one measurement each, in a fresh process ----------------------------------------
-def peak_mib() -> float:
-    """This process's peak RSS: VmHWM (ru_maxrss would include the parent's RSS at the fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 def child_blend(work: Path, keys: list[str], step: float, split: str, mode: str) -> dict:
     import mixer.blend as mb
     from core.errors import PipelineError

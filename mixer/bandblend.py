@@ -248,8 +248,9 @@ def tied(st: SourceStats, count: int) -> SourceStats:
 def _ascend_local(st: SourceStats, count: int, K: int, objective: str, ctx, counter: dict):
     """_ascend for a grid too large to score whole: the plain blend by mixer.blendsearch's local search,
     then per band an exchange-move ascent among that band's weights, the other bands fixed."""
-    plain_obj = SourceObjective(tied(st, count), objective, ctx)
-    plain, _, _ = local_search(plain_obj, tied(st, count), K)
+    whole = tied(st, count)
+    plain_obj = SourceObjective(whole, objective, ctx)
+    plain, _, _ = local_search(plain_obj, whole, K)
     obj = SourceObjective(st, objective, ctx)
     M = len(plain)
     flat = np.repeat(plain, count)                       # band model i * count + b

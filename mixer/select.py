@@ -40,7 +40,7 @@ import numpy as np
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
-from mixer.blend import collect_stats, frame_blocks, grams
+from mixer.blend import ROW_FRAMES, collect_stats, frame_blocks, grams
 from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
 from mixer.data import fitting_tracks
 from mixer.inputs import (
@@ -52,7 +52,6 @@ from mixer.inputs import (
 )
 
 BY = ("blend", "conv1x1")
-ROW_FRAMES = 64          # rows x frames of float64 formed at once (memory on long tracks)
 SCORE_FRAMES = 1024      # frames scored at once: the temporaries stay a few MiB at any length
 
 
