@@ -19,6 +19,7 @@ memory does not depend on the grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -153,12 +154,15 @@ class SourceObjective:
         self.scored += len(W)
         return out
 
+    @cached_property
+    def G_by_pair(self) -> np.ndarray:
+        """[M * M, rows]: G by model pair, so that a move's terms are contiguous rows."""
+        return np.ascontiguousarray(self.G.reshape(len(self.G), -1).T)
+
     def moves(self, counts: np.ndarray, K: int, src: np.ndarray, dst: np.ndarray,
               steps: np.ndarray) -> np.ndarray:
         """[P]: the point counts / K with steps[p] / K of weight moved from src[p] to dst[p]."""
         M = self.G.shape[1]
-        if not hasattr(self, "G_by_pair"):   # [M * M, rows]: a move's terms are contiguous rows
-            self.G_by_pair = np.ascontiguousarray(self.G.reshape(len(self.G), -1).T)
         w = counts / K
         Gw = np.einsum("rmn,n->rm", self.G, w)
         g = np.ascontiguousarray((self.b - Gw).T)                  # [M, rows]

@@ -40,7 +40,7 @@ import numpy as np
 from core.errors import PipelineError
 from core.progress import progress_bar
 from core.store import StemStore, read_json, write_json_atomic
-from mixer.blend import ROW_FRAMES, collect_stats, frame_blocks, grams
+from mixer.blend import ROW_FRAMES, collect_stats, frame_blocks, grams, silent_frames
 from mixer.blendsearch import check_search, nanmedian_rows, search, search_modes
 from mixer.data import fitting_tracks
 from mixer.inputs import (
@@ -111,12 +111,13 @@ def collect_conv1x1_stats(store: StemStore, dataset_id: str, spec: InputSpec, tr
             x = normalise(raw, stats)
             y = normalise(assemble_targets(refs, start, stop), stats)
             z = np.concatenate([x, y]).astype(np.float64).reshape(C + O, count, length).transpose(1, 0, 2)
-            ref = np.asarray(refs[:, :, start:stop], dtype=np.float64).reshape(-1, 2, count, length)
+            ref = np.asarray(refs[:, :, start:stop])
             grams(z).tofile(spill)
             frames += count
             acc["zero"].append(zero)
-            acc["rr"].append(np.square(ref).sum(axis=(1, 3)).T)
-            acc["ref_silent"].append(~np.any(ref[:, 0] + ref[:, 1] != 0, axis=-1).T)
+            acc["rr"].append(np.square(ref, dtype=np.float64).reshape(-1, 2, count, length)
+                             .sum(axis=(1, 3)).T)
+            acc["ref_silent"].append(np.stack([silent_frames(r, count, length) for r in ref], axis=1))
             acc["scale"].append(np.full(count, stats[1] ** 2))
             acc["track"].append(np.full(count, t))
             acc["full"].append(np.full(count, full))
