@@ -346,14 +346,16 @@ def evaluate(store: StemStore, dataset_id: str, *, models: list[str],
     bases = [base_system(store, dataset_id, k, n) for k, n in zip(keys, names)]
     systems, notes = list(bases), []
     for k, n in zip(keys, names):
-        folds = store.model_info(k).get("identity", {}).get("folds")
+        identity = store.model_info(k).get("identity", {})
+        folds = identity.get("folds")
         if store.model_info(k).get("family") == "crossfit" and folds:
             here = ("this split's tracks held out by a fold by that fold's model, the others"
                     if split == "train" or split.startswith(("fit", "fold")) else
                     f"the '{split}' tracks")
+            how = (f"one of the {len(folds)} (picked by a hash of the track's name)"
+                   if identity.get("unseen") == "one" else f"the mean of the {len(folds)}")
             notes.append(f"{n}: cross-fitted, {len(folds)} fold models; each training track is "
-                         f"separated by the fold model that never saw it, {here} by the mean "
-                         f"of the {len(folds)}")
+                         f"separated by the fold model that never saw it, {here} by {how}")
     if len(bases) > 1:
         choice = select_best_per_source(store, dataset_id, bases, selection_split, cache, progress)
         if choice:

@@ -91,6 +91,39 @@ def test_each_training_track_is_separated_by_the_fold_model_that_never_saw_it(cr
     assert "never saw that track" in card and "mean of the fold models" in card
 
 
+def test_with_crossfit_unseen_one_other_tracks_get_one_fold_model_picked_by_name(crossfit, tmp_path):
+    """crossfit_unseen = "one": a track no fold model trained on is separated by ONE fold model (the
+    same one every time, from a hash of its name), a training track as before; another key."""
+    import hashlib
+
+    _, ds, result = crossfit
+    store = StemStore(tmp_path / "store")
+    ingest_dataset(store, ds, progress=False)
+    seen = _fold_lists(result.run_dir)
+    [mean] = cache_spec(store, ds, str(result.model_dir), progress=False)
+    [one] = cache_spec(store, ds, str(result.model_dir), options={"crossfit_unseen": "one"},
+                       progress=False)
+    assert one["key"] != mean["key"] and one["computed"] == len(ds.tracks)
+    assert (mean["name"], one["name"]) == ("cf", "cf+one-fold")
+    folds = [load_separator(str(result.run_dir / f"fold-{k}" / "model")) for k in (1, 2)]
+    picked = set()
+    for track in store.tracks(ds.id):
+        cached = np.asarray(store.stems(one["key"], ds.id, track), dtype=np.float32)
+        if track.name in seen[0] | seen[1]:   # a training track: the same stems as the mean mode's
+            np.testing.assert_array_equal(cached, np.asarray(store.stems(mean["key"], ds.id, track)))
+            continue
+        k = int.from_bytes(hashlib.sha256(track.name.encode()).digest()[:8], "big") % 2
+        picked.add(k)
+        expected, other = (_separate(f, store, ds.id, track) for f in (folds[k], folds[1 - k]))
+        np.testing.assert_allclose(cached, expected.astype(np.float16).astype(np.float32),
+                                   atol=2e-3 * np.abs(expected).max())
+        assert np.abs(other.astype(np.float16).astype(np.float32) - cached).max() > 1e-2
+    assert picked, "no track outside the folds"
+    with pytest.raises(PipelineError, match="crossfit_unseen"):
+        cache_spec(store, ds, str(result.model_dir), options={"crossfit_unseen": "median"},
+                   progress=False)
+
+
 def test_the_key_covers_every_folds_weights_and_the_assignment(crossfit, tmp_path):
     import shutil
 

@@ -6,7 +6,10 @@ model's folder and the training tracks it saw. Loaded, it is one `Separator` who
 track come from the fold models that never trained on any of that track's audio, averaged:
 
 * a training track of fold k: fold model k alone (the only one that did not see it);
-* every other track (select, valid, test, a new song): the mean of the K fold models;
+* every other track (select, valid, test, a new song): the mean of the K fold models, or with
+  `crossfit_unseen = "one"` one fold model, picked by a hash of the track's name, so that these
+  tracks get the same kind of estimate as the training tracks (a mixer fitted on single fold
+  models' errors then meets single fold models' errors again, not their smoother mean);
 * a remix (`pipeline remix`, core.remix) of the training tracks: the fold models that saw none
   of the tracks its stems were cut from (with `--folds-of`, one fold's model);
 * a remix whose stems come from tracks every fold model saw: refused.
@@ -21,16 +24,26 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from core.errors import PipelineError
+from core.options import option
 from separators.base import Separator
-from separators.families import Family, Request
+from separators.families import Family, Request, pick
 
 FAMILY = "crossfit"
 DESCRIPTION = "crossfit.json"
+
+
+@dataclass(frozen=True)
+class CrossFitOptions:
+    crossfit_unseen: str = option(
+        "mean", "how a cross-fitted model separates audio no fold model trained on (valid, test, "
+        "new songs): the mean of its fold models, or one fold model picked by a hash of the "
+        "track's name (the kind of estimate its training tracks get)", choices=("mean", "one"))
 
 
 def read_description(folder: Path) -> dict:
@@ -55,8 +68,8 @@ def assignment_digest(description: dict) -> str:
 class CrossFitSeparator(Separator):
     family = FAMILY
 
-    def __init__(self, name: str, description: dict, folds: list[Separator]):
-        self.name, self.description, self.folds = name, description, folds
+    def __init__(self, name: str, description: dict, folds: list[Separator], unseen: str = "mean"):
+        self.name, self.description, self.folds, self.unseen = name, description, folds, unseen
         first = folds[0]
         for f in folds[1:]:
             if tuple(f.sources) != tuple(first.sources) or f.sample_rate != first.sample_rate:
@@ -69,9 +82,12 @@ class CrossFitSeparator(Separator):
         self.used = tuple(range(len(folds)))   # the fold models averaged (for_track narrows it)
 
     def identity(self) -> dict:
-        return {"family": FAMILY, "name": self.name,
-                "folds": [f.identity() for f in self.folds],
-                "assignment": assignment_digest(self.description)}
+        identity = {"family": FAMILY, "name": self.name,
+                    "folds": [f.identity() for f in self.folds],
+                    "assignment": assignment_digest(self.description)}
+        if self.unseen != "mean":   # the default leaves the keys of earlier caches as they were
+            identity["unseen"] = self.unseen
+        return identity
 
     def to(self, device) -> "CrossFitSeparator":
         for f in self.folds:
@@ -102,6 +118,9 @@ class CrossFitSeparator(Separator):
                 f"{self.name}: every fold model trained on some of the audio of track "
                 f"'{track.name}' of {dataset_id} (cut from {', '.join(sorted(n for _, n in found))}); "
                 f"remix with --folds-of so that each remix comes from one fold")
+        if self.unseen == "one" and len(used) > 1:
+            digest = hashlib.sha256(track.name.encode()).digest()
+            used = (used[int.from_bytes(digest[:8], "big") % len(used)],)
         view = copy.copy(self)
         view.used = used
         return view
@@ -120,14 +139,16 @@ def _load(request: Request) -> CrossFitSeparator:
                                 f"train it with the same `train-base --folds` command")
         folds.append(load_separator(str(path), device=request.device, offline=request.offline,
                                     repo=request.repo, options=request.options))
-    name = request.label or run_label(folder) or folder.name
-    return CrossFitSeparator(name, d, folds)
+    unseen = pick(CrossFitOptions, request.options, f"{FAMILY} options")["crossfit_unseen"]
+    # the mode is in the name as in the key, so that a report listing both variants can tell them apart
+    name = (request.label or run_label(folder) or folder.name) + ("+one-fold" if unseen == "one" else "")
+    return CrossFitSeparator(name, d, folds, unseen)
 
 
 RECORD = Family(
     name=FAMILY,
     summary="cross-fitted models (`train-base --folds K`): a folder holding crossfit.json; each "
             "training track separated by the fold model that never saw it, other audio by their mean",
-    load=_load,
+    load=_load, options=CrossFitOptions,
     folder=lambda folder: (folder / DESCRIPTION).is_file(),
 )
