@@ -310,11 +310,18 @@ def remix_models(config: dict, remixes: dict) -> dict[str, list[int]]:
     """{remix name: the [[models]] entries (indices) some system fits on it}: a model is cached
     on a remix only when a system needs it there."""
     wanted: dict[str, set[int]] = {name: set() for name in remixes}
-    refs: dict[str, set[int]] = {}   # a spec two entries share: both (cached, not chosen)
+    refs: dict[str, set[int]] = {}
     for i, m in enumerate(config["models"]):
         for ref in (m.get("spec"), m.get("trained"), m.get("name")):
             if ref:
                 refs.setdefault(ref, set()).add(i)
+    # A spec or trained name several entries share names the entry that has no name of its own
+    # (an entry with one, e.g. the same model with other options, is referred to by it), as
+    # cache_stage resolves it; where that does not decide, every entry is cached there.
+    for ref, entries in refs.items():
+        named = {i for i in entries if config["models"][i].get("name") == ref}
+        plain = {i for i in entries if not config["models"][i].get("name")}
+        refs[ref] = named or plain or entries
     for s in config.get("systems", []):
         chosen = (set().union(*(refs[r] for r in s["models"] if r in refs)) if "models" in s
                   else set(range(len(config["models"]))))

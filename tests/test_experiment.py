@@ -148,3 +148,19 @@ def test_one_spec_with_and_without_tta_gives_two_members(monkeypatch):
                           log=lambda *_: None)
     with pytest.raises(PipelineError, match="several \\[\\[models\\]\\] entries share"):
         _system_models({"models": ["a.th"]}, keys, ["k0", "k1"])
+
+
+def test_remixes_are_cached_only_for_the_entries_fitted_on_them():
+    """A trained name two [[models]] entries share (the model, and the model with other options
+    under its own name) names the plain entry: only it is cached on the remixes a system fits on."""
+    from pipeline.experiment import remix_models
+
+    config = {"models": [{"trained": "a"}, {"trained": "a", "name": "a+one-fold", "crossfit_unseen": "one"},
+                         {"trained": "b"}],
+              "systems": [{"name": "s1", "models": ["a", "b"], "extra_data": ["r"]},
+                          {"name": "s2", "models": ["a+one-fold", "b"]}]}
+    assert remix_models(config, {"r": None, "q": None}) == {"r": [0, 2], "q": []}
+    config["systems"].append({"name": "s3", "models": ["a+one-fold"], "extra_data": ["q"]})
+    assert remix_models(config, {"r": None, "q": None}) == {"r": [0, 2], "q": [1]}
+    del config["systems"][0]["models"]   # no models: every entry
+    assert remix_models(config, {"r": None, "q": None}) == {"r": [0, 1, 2], "q": [1]}
