@@ -9,7 +9,8 @@ track come from the fold models that never trained on any of that track's audio,
 * every other track (select, valid, test, a new song): the mean of the K fold models, or with
   `crossfit_unseen = "one"` one fold model, picked by a hash of the track's name, so that these
   tracks get the same kind of estimate as the training tracks (a mixer fitted on single fold
-  models' errors then meets single fold models' errors again, not their smoother mean);
+  models' errors then meets single fold models' errors again, not their smoother mean; on
+  MUSDB18-7 it scored worse than the mean for the members and every fit, see README);
 * a remix (`pipeline remix`, core.remix) of the training tracks: the fold models that saw none
   of the tracks its stems were cut from (with `--folds-of`, one fold's model);
 * a remix whose stems come from tracks every fold model saw: refused.
